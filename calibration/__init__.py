@@ -1,0 +1,1 @@
+"""Calibration data and forward loops."""

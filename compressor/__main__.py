@@ -1,0 +1,3 @@
+from compressor.cli import entry
+
+entry()

@@ -1,0 +1,87 @@
+"""Reading and writing compressed HF checkpoints (safetensors + config.json with quantization metadata).
+
+Format (quant_method "compressor", version 1): quantized Linear layers are stored as `<name>.weight_packed`,
+`<name>.weight_scale` and, when asymmetric, `<name>.weight_zero_point` (see compressor.kernels.qlinear);
+`config.json["quantization_config"]["layers"]` maps each quantized layer to its scheme. Everything else is
+stored as in an ordinary checkpoint. `load_compressed` rebuilds the same QuantLinear modules, so a reloaded
+model computes bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+QUANT_METHOD = "compressor"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+def quantized_layers(model) -> dict[str, dict]:
+    from compressor.kernels.qlinear import QuantLinear
+
+    return {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def unique_state_dict(model) -> dict[str, Any]:
+    """state_dict without aliases (tied embeddings): the first name of each storage wins."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else (k,)
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = t.detach().contiguous()
+    return out
+
+
+def state_bytes(model) -> int:
+    """Bytes of the model's weights as they ship (packed codes, scales), tied tensors counted once."""
+    return sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
+
+
+def save_compressed(model, tokenizer, folder: Path, extra_meta: dict | None = None) -> Path:
+    """Write model (with any QuantLinear layers), config and tokenizer into `folder` (which must exist)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    layers = quantized_layers(model)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    if layers:
+        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                      "layers": layers, **(extra_meta or {})}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except Exception:  # noqa: BLE001 - a model without a valid generation config is still a model
+            pass
+    save_file(unique_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder / WEIGHTS_NAME
+
+
+def replace_linears(model, layers: dict[str, dict]) -> None:
+    """Swap the named nn.Linear modules for empty QuantLinear modules of the given schemes."""
+    from compressor.kernels.qlinear import QuantLinear
+
+    for name, scheme in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        q = QuantLinear(lin.in_features, lin.out_features, fmt=scheme["format"], group_size=scheme["group_size"],
+                        symmetric=scheme["symmetric"], bias=lin.bias is not None, dtype=lin.weight.dtype)
+        setattr(parent, child, q)
+
+
+def read_quantization_config(folder: Path) -> dict | None:
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    q = json.loads(cfg_path.read_text()).get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None

@@ -1,0 +1,185 @@
+"""`compress`: the command line. Thin: parse, then call the same functions as the Python API.
+
+    compress RECIPE --target T [--out DIR] [--model PATH] [--set key=value ...] [--overwrite] [--json] [--quiet]
+    compress plan RECIPE --target T
+    compress passes | targets | assets
+
+Exit codes: 0 ok; 1 a gate failed (outputs kept, the report says which); 2 bad recipe, target, input or missing
+dependency (nothing written); 3 internal error (a bug: traceback printed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from compressor.errors import CompressorError, GateFailed
+
+COMMON = [
+    click.option("--target", "-t", required=True, help="hardware target: h200, h100, a100, l40s, l4, b200, cpu"),
+    click.option("--model", "model_override", default=None, help="model source overriding the recipe's model.source"),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="override any recipe field, e.g. --set eval.num_windows=4 (validated like the recipe)"),
+]
+
+
+def _common(f):
+    for opt in reversed(COMMON):
+        f = opt(f)
+    return f
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", force=True)
+    # Third-party chatter: keep warnings and errors only.
+    for name in ("transformers", "datasets", "huggingface_hub", "torch.onnx", "onnxscript", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class DefaultGroup(click.Group):
+    """`compress RECIPE ...` means `compress run RECIPE ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compressor")
+def cli() -> None:
+    """Compress a language model from a recipe, lower it, and report quality against cost."""
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common
+@click.option("--out", "-o", default=None, help="output folder (default: out/<recipe name>)")
+@click.option("--overwrite", is_flag=True, help="replace the output folder if it exists (only once the run succeeds)")
+@click.option("--no-cache", is_flag=True, help="ignore and do not fill the cache")
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary on stdout")
+@click.option("--quiet", "-q", is_flag=True, help="warnings and errors only, no progress bars")
+def run_cmd(recipe, target, model_override, overrides, out, overwrite, no_cache, as_json, quiet):
+    """Run RECIPE for TARGET: passes, exports, evaluation, report."""
+    _setup_logging(quiet)
+    from compressor.pipeline import run_recipe
+
+    try:
+        summary = run_recipe(recipe, target, out, overrides=overrides, model_override=model_override,
+                             overwrite=overwrite, quiet=quiet, use_cache=not no_cache)
+    except GateFailed as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(e), "exit_code": 1}))
+        raise
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), default=str))
+    elif not quiet:
+        m, b = summary.report["result"]["metrics"], summary.report["baseline"]["metrics"]
+        line = f"done in {summary.seconds:.0f} s -> {summary.out}"
+        if "perplexity" in m:
+            line += (f"\n  perplexity {b['perplexity']:.3f} -> {m['perplexity']:.3f}, KL {m['kl_divergence']:.4f}, "
+                     f"top-1 {m['top1_agreement']:.4f}, bytes {b['model_bytes'] / 1e6:.0f} MB -> {m['model_bytes'] / 1e6:.0f} MB")
+        click.echo(line + f"\n  report: {summary.out / 'report' / 'report.md'}")
+
+
+@cli.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(recipe, target, model_override, overrides, as_json):
+    """Validate RECIPE for TARGET and print the ordered passes, legality and estimates. Loads no weights."""
+    from compressor.plan import render
+    from compressor.pipeline import load_and_plan
+
+    plan = load_and_plan(recipe, target, overrides, model_override)
+    if as_json:
+        click.echo(json.dumps({"target": plan.target.name, "passes": [
+            {"name": p.name, "section": p.section, "config": p.config_dict()} for p in plan.passes],
+            "verdicts": plan.verdicts, "estimate": plan.estimate}))
+    else:
+        click.echo(render(plan))
+
+
+@cli.command("passes")
+def passes_cmd():
+    """List the registered passes and their config fields."""
+    from compressor.registry import all_passes
+
+    for info in all_passes():
+        click.echo(f"{info.name}  [{info.consumes.value} -> {info.produces.value}]"
+                   + ("  (needs calibration)" if info.needs_calibration else ""))
+        for name, f in info.config.model_fields.items():
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            desc = f" - {f.description}" if f.description else ""
+            click.echo(f"    {name}: {ann} ({default}){desc}")
+
+
+@cli.command("targets")
+def targets_cmd():
+    """List the hardware target profiles."""
+    from compressor.targets import TARGETS
+
+    click.echo(f"{'target':7} {'memory':>8} {'bandwidth':>10} {'bf16 TF/s':>9} {'fp8 TF/s':>9} {'cc':>5}  formats")
+    for t in TARGETS.values():
+        cc = f"{t.compute_capability[0]}.{t.compute_capability[1]}" if t.compute_capability else "-"
+        mem = f"{t.memory_bytes / 1e9:.0f} GB" if t.memory_bytes else "-"
+        bw = f"{t.bandwidth_bytes_per_s / 1e12:.2f} TB/s" if t.bandwidth_bytes_per_s else "-"
+        bf = f"{t.peak_flops.get('bf16', 0) / 1e12:.0f}" if t.peak_flops.get("bf16") else "-"
+        f8 = f"{t.peak_flops.get('fp8', 0) / 1e12:.0f}" if t.peak_flops.get("fp8") else "-"
+        click.echo(f"{t.name:7} {mem:>8} {bw:>10} {bf:>9} {f8:>9} {cc:>5}  {', '.join(sorted(f.value for f in t.formats))}")
+
+
+@cli.command("assets")
+@click.option("--quiet", "-q", is_flag=True)
+def assets_cmd(quiet):
+    """Prepare the bundled model and text corpora in $COMPRESSOR_HOME (idempotent)."""
+    _setup_logging(quiet)
+    from compressor import assets
+
+    for name in assets.ASSETS:
+        p = assets.prepare(name)
+        if not quiet:
+            click.echo(f"{name:14} {p}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written to the output folder", err=True)
+        return 130
+    except GateFailed as e:
+        click.echo(f"gate failed: {e}", err=True)
+        return 1
+    except CompressorError as e:
+        click.echo(f"error: {e}", err=True)
+        if e.exit_code == 3:
+            traceback.print_exc()
+        return e.exit_code
+    except Exception:  # noqa: BLE001 - a bug: show it whole
+        traceback.print_exc()
+        click.echo("internal error (exit 3): please report it with the traceback above", err=True)
+        return 3
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

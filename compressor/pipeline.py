@@ -1,0 +1,214 @@
+"""validate -> plan -> run -> evaluate -> report, into one atomically written output folder.
+
+The same `run_recipe` serves the CLI and the Python API:
+
+    from compressor.pipeline import run_recipe
+    summary = run_recipe("recipes/quickstart.yaml", target="cpu", out="out/quickstart")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor import assets
+from compressor.artifacts import atomic_output, check_output, describe_artifact, versions
+from compressor.cache import Cache, key_of
+from compressor.context import RunContext
+from compressor.errors import CompressorError, GateFailed, PassError
+from compressor.plan import Plan, PlannedPass, build_plan
+from compressor.recipe import Recipe, load_recipe
+from compressor.targets import get_target
+
+log = logging.getLogger("compressor")
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    report: dict
+    gates_failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        m = self.report["result"]["metrics"]
+        return {"out": str(self.out), "ok": not self.gates_failed, "seconds": round(self.seconds, 2),
+                "perplexity": m.get("perplexity"), "baseline_perplexity": self.report["baseline"]["metrics"].get("perplexity"),
+                "kl_divergence": m.get("kl_divergence"), "top1_agreement": m.get("top1_agreement"),
+                "model_bytes": m.get("model_bytes"), "gates": self.report["gates"],
+                "artifacts": self.report["artifacts"]}
+
+
+def load_and_plan(recipe_path: str, target: str, overrides=(), model_override: str | None = None) -> Plan:
+    recipe, lines = load_recipe(recipe_path, overrides, model_override)
+    return build_plan(recipe, get_target(target), lines)
+
+
+def _run_pass(p: PlannedPass, handle, ctx: RunContext, before: list[str]):
+    t0 = time.perf_counter()
+    log.info("pass %s: start", p.name)
+    try:
+        result = p.info.run(handle, p.config, ctx)
+    except PassError as e:
+        if before and "(after" not in str(e):
+            e.args = (str(e).replace(f"pass {p.name} failed", f"pass {p.name} (after {', '.join(before)}) failed", 1),)
+        raise
+    except CompressorError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug in a pass: keep its traceback, add the context
+        raise PassError(p.name, before, f"{type(e).__name__}: {e}") from e
+    secs = time.perf_counter() - t0
+    log.info("pass %s: done in %.1f s", p.name, secs)
+    return result, secs
+
+
+def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, overrides=(),
+               model_override: str | None = None, overwrite: bool = False, quiet: bool = False,
+               use_cache: bool = True) -> RunSummary:
+    t_start = time.perf_counter()
+    plan = load_and_plan(recipe_path, target, overrides, model_override)
+    recipe = plan.recipe
+    out = Path(out) if out else Path("out") / recipe.name
+    check_output(out, overwrite)  # before loading anything: a refused run costs nothing
+    cache = Cache(assets.home() / "cache", enabled=use_cache)
+    from compressor.model import load_model
+
+    with atomic_output(out, overwrite) as tmp:
+        ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log)
+        log.info("loading model %s", recipe.model.source)
+        handle = load_model(recipe.model)
+        import torch
+
+        torch.manual_seed(recipe.seed)
+        if recipe.calibration is not None:
+            # Tokenized up front, so empty or too-short calibration text fails before any pass runs.
+            from compressor.calibration.data import calibration_windows
+
+            c = recipe.calibration
+            batches = calibration_windows(handle.tokenizer, c.source, c.num_samples, c.seq_len, c.seed,
+                                          c.text_field, c.split)
+            log.info("calibration: %d x %d tokens from %s (seed %d)", *batches.shape, c.source, c.seed)
+            ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log, calibration=lambda: batches)
+        provenance, artifacts, pass_info = [], [], {}
+        stage_key = _run_transforms(plan, handle, ctx, cache, provenance, pass_info)
+        done = [p["name"] for p in provenance]
+        for p in plan.lowerings:
+            res, secs, cached = _run_lowering(p, handle, ctx, cache, stage_key, done)
+            provenance.append({"name": p.name, "section": p.section, "config": p.config_dict(),
+                               "seconds": round(secs, 3), "cached": cached, "info": res.get("info", {})})
+            artifacts += [describe_artifact(tmp, a["path"], a["kind"]) for a in res["artifacts"]]
+            done.append(p.name)
+        compress_seconds = time.perf_counter() - t_start
+        report = _evaluate_and_report(plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds)
+        manifest = {"schema_version": 1, "recipe": recipe.model_dump(mode="json", exclude={"path"}),
+                    "recipe_path": str(recipe.path), "target": plan.target.name, "versions": versions(),
+                    "model": {"source": recipe.model.source, "path": handle.path, "sha256": handle.fingerprint},
+                    "stage_key": stage_key, "passes": provenance, "artifacts": artifacts}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    summary = RunSummary(out.absolute(), report, [g for g in report["gates"] if not g["passed"]],
+                         time.perf_counter() - t_start)
+    if summary.gates_failed:
+        raise GateFailed("; ".join(g.get("reason", g["metric"]) for g in summary.gates_failed)
+                         + f" (report: {out / 'report' / 'report.md'})")
+    return summary
+
+
+def _run_transforms(plan: Plan, handle, ctx, cache: Cache, provenance: list, pass_info: dict) -> str:
+    """Run the passes that change the model, reusing the longest finished prefix from the cache."""
+    from compressor.checkpoint_io import save_compressed
+
+    from compressor import __version__
+
+    chain, keys = [], []
+    base = key_of("stage", __version__, handle.fingerprint, plan.recipe.model.dtype, plan.recipe.seed)
+    for p in plan.transforms:
+        chain.append([p.name, p.config_dict()])
+        keys.append(key_of(base, chain))
+    start = 0
+    for i in reversed(range(len(keys))):
+        hit = cache.get("stage", keys[i])
+        if hit is not None:
+            from compressor.model import load_model
+            from compressor.recipe import ModelSpec
+
+            log.info("reusing cached result of %s", " -> ".join(n for n, _ in chain[: i + 1]))
+            cached = load_model(ModelSpec(source=str(hit / "model"), dtype=plan.recipe.model.dtype))
+            handle.model = cached.model
+            provenance.extend({**p, "cached": True} for p in json.loads((hit / "provenance.json").read_text()))
+            start = i + 1
+            break
+    before = [p["name"] for p in provenance]
+    fresh = []
+    for p in plan.transforms[start:]:
+        res, secs = _run_pass(p, handle, ctx, before)
+        fresh.append({"name": p.name, "section": p.section, "config": p.config_dict(), "seconds": round(secs, 3),
+                      "cached": False, "info": res.info})
+        before.append(p.name)
+    provenance.extend(fresh)
+    if fresh and cache.enabled:
+        def build(d: Path) -> None:
+            (d / "model").mkdir()
+            save_compressed(handle.model, handle.tokenizer, d / "model")
+            (d / "provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
+
+        cache.put("stage", keys[-1], build)
+    return keys[-1] if keys else base
+
+
+def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_key: str, before: list[str]):
+    """Run a lowering pass, or copy its output folder from the cache when the same stage was lowered before."""
+    key = key_of("lower", stage_key, p.name, p.config_dict())
+    hit = cache.get("lower", key)
+    if hit is not None:
+        meta = json.loads((hit / "result.json").read_text())
+        for name in meta["folders"]:
+            shutil.copytree(hit / name, ctx.workdir / name)
+        log.info("pass %s: reused from cache", p.name)
+        return meta, 0.0, True
+    res, secs = _run_pass(p, handle, ctx, before)
+    folders = sorted({a["path"].split("/")[0] for a in res.artifacts})
+    meta = {"artifacts": res.artifacts, "info": res.info, "folders": folders}
+    if cache.enabled:
+        def build(d: Path) -> None:
+            for name in folders:
+                shutil.copytree(ctx.workdir / name, d / name)
+            (d / "result.json").write_text(json.dumps(meta, default=str))
+
+        cache.put("lower", key, build)
+    return meta, secs, False
+
+
+def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds) -> dict:
+    from compressor.eval import gates as gates_mod
+    from compressor.eval import harness, report as report_mod
+    from compressor.eval.measure import peak_rss_mb
+
+    recipe = plan.recipe
+    baseline, result, notes = {}, {}, []
+    if recipe.eval is not None:
+        baseline, result, notes = harness.evaluate(recipe, plan.target, handle, ctx, cache, stage_key, artifacts)
+    result["compress_seconds"] = compress_seconds
+    result["peak_rss_mb"] = peak_rss_mb()
+    gate_results = gates_mod.evaluate(recipe.gates, baseline, result)
+    report = {
+        "schema_version": report_mod.REPORT_SCHEMA_VERSION,
+        "model": {"source": recipe.model.source, "sha256": handle.fingerprint, "parameters": handle.num_parameters(),
+                  "architecture": type(handle.model).__name__},
+        "target": plan.target.name,
+        "recipe": {"name": recipe.name, "path": str(recipe.path)},
+        "passes": [{"name": p["name"], "config": p["config"], "seconds": p["seconds"], "cached": p["cached"],
+                    "info": p.get("info", {})} for p in provenance],
+        "baseline": {"metrics": baseline},
+        "result": {"metrics": result},
+        "variants": [{"name": recipe.name, "metrics": result, "artifacts": [a["path"] for a in artifacts]}],
+        "gates": gate_results,
+        "artifacts": artifacts,
+        "notes": notes,
+    }
+    report_mod.write(report, ctx.workdir / "report")
+    return report

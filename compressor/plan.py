@@ -1,0 +1,182 @@
+"""Planning: validate the recipe's passes against the registry and the target before any weight is loaded.
+
+The plan checks pass names, each pass's config (with its own pydantic model), the order (nothing may change the
+model after a pass has exported it), calibration where needed, and format legality on the target; then it
+estimates peak memory and output size from the checkpoint's headers (no tensor data is read).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from compressor import registry
+from compressor.errors import RecipeError, TargetError
+from compressor.recipe import ASSET_PREFIX, PassEntry, Recipe, format_validation_error, is_local_path, line_of
+from compressor.targets import TargetSpec
+
+
+@dataclass
+class PlannedPass:
+    section: str  # "passes" | "export"
+    index: int
+    entry: PassEntry
+    info: registry.PassInfo
+    config: BaseModel
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def config_dict(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    target: TargetSpec
+    passes: list[PlannedPass]
+    verdicts: list[str] = field(default_factory=list)
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transforms(self) -> list[PlannedPass]:
+        return [p for p in self.passes if p.info.produces is registry.Artifact.TORCH_MODEL]
+
+    @property
+    def lowerings(self) -> list[PlannedPass]:
+        return [p for p in self.passes if p.info.lowers]
+
+
+def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
+    file = recipe.path or "<recipe>"
+    planned: list[PlannedPass] = []
+    verdicts: list[str] = []
+    lowered_by: PlannedPass | None = None
+    produced = {registry.Artifact.TORCH_MODEL}
+    entries = [("passes", i, e) for i, e in enumerate(recipe.passes)] + [("export", i, e) for i, e in enumerate(recipe.export)]
+    for section, i, entry in entries:
+        loc = (section, i)
+        try:
+            info = registry.get_pass(entry.name)
+        except registry.UnknownPass as e:
+            raise RecipeError(str(e), file=file, line=line_of(lines, loc + ("pass",)), key=f"{section}.{i}.pass") from None
+        try:
+            cfg = info.config.model_validate(entry.options)
+        except ValidationError as e:
+            raise format_validation_error(e, file, lines, prefix=loc, model=info.config) from None
+        where = f"{section}.{i} ({info.name})"
+        if info.consumes not in produced:
+            raise RecipeError(f"pass {info.name} consumes {info.consumes.value}, which no earlier pass produces",
+                              file=file, line=line_of(lines, loc), key=f"{section}.{i}")
+        if info.produces is registry.Artifact.TORCH_MODEL and lowered_by is not None:
+            raise RecipeError(f"pass {info.name} changes the model after {lowered_by.name} ({lowered_by.section}."
+                              f"{lowered_by.index}) exported it, so the export would miss the change; move exports "
+                              "after the passes that change the model (or into `export:`)",
+                              file=file, line=line_of(lines, loc), key=f"{section}.{i}")
+        if info.needs_calibration and recipe.calibration is None:
+            raise RecipeError(f"pass {info.name} needs calibration data: add a `calibration:` section",
+                              file=file, line=line_of(lines, loc), key=f"{section}.{i}")
+        for fmt in sorted(info.formats(cfg)):
+            if not target.supports(fmt):
+                raise TargetError(f"{file}:{line_of(lines, loc)}: {section}.{i} ({info.name}): {target.why_not(fmt)}")
+            verdicts.append(f"{where}: {fmt.value} is native on {target.name}")
+        if info.lowers:
+            lowered_by = lowered_by or PlannedPass(section, i, entry, info, cfg)
+        produced.add(info.produces)
+        planned.append(PlannedPass(section, i, entry, info, cfg))
+    plan = Plan(recipe, target, planned, verdicts)
+    plan.estimate = estimate(plan)
+    return plan
+
+
+def _safetensors_stats(folder: Path) -> tuple[int, int] | None:
+    """(parameters, bytes) from the safetensors headers of a folder; no tensor data is read."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    n = b = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (hl,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hl))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            count = 1
+            for d in v["shape"]:
+                count *= d
+            n += count
+            b += v["data_offsets"][1] - v["data_offsets"][0]
+    return n, b
+
+
+def estimate(plan: Plan) -> dict[str, Any]:
+    """Peak memory and output size, from headers only. Unknown for hub ids not yet downloaded."""
+    from compressor import assets
+
+    src = plan.recipe.model.source
+    stats = None
+    if src.startswith(ASSET_PREFIX):
+        p = assets.asset_path(src[len(ASSET_PREFIX):])
+        stats = _safetensors_stats(p) if p.exists() else None
+        if stats is None and src == "asset:smollm2-135m":
+            stats = (134_515_008, 538_060_032)  # known size of the bundled model before it is prepared
+    elif is_local_path(src) and Path(src).is_dir():
+        stats = _safetensors_stats(Path(src))
+    elif is_local_path(src) and Path(src).is_file():
+        stats = (0, Path(src).stat().st_size * 4)  # gguf: dequantized to fp32 in memory, roughly 4-8x the file
+    if stats is None:
+        return {"known": False, "reason": "model size unknown before download"}
+    n_params, model_bytes = stats
+    factor = max([p.info.memory_factor for p in plan.passes] or [1.0])
+    # The eval holds the baseline beside the result, plus activations for one window.
+    peak = model_bytes * factor + (model_bytes if plan.recipe.eval else 0)
+    out_bytes = 0
+    current = model_bytes
+    for p in plan.passes:
+        if p.info.output_bytes is None:
+            continue
+        b = p.info.output_bytes(p.config, n_params, current)
+        if p.info.lowers:
+            out_bytes += b
+        else:
+            current = b
+    return {"known": True, "parameters": n_params, "model_bytes": model_bytes,
+            "peak_memory_bytes": int(peak), "output_bytes": int(out_bytes)}
+
+
+def render(plan: Plan) -> str:
+    r = plan.recipe
+    lines = [f"recipe {r.name} ({r.path}) for target {plan.target.name}: {plan.target.description}",
+             f"model: {r.model.source} ({r.model.dtype})"]
+    if r.calibration:
+        c = r.calibration
+        lines.append(f"calibration: {c.source}, {c.num_samples} x {c.seq_len} tokens, seed {c.seed}")
+    lines.append("passes:")
+    for n, p in enumerate(plan.passes, 1):
+        cfg = ", ".join(f"{k}={v}" for k, v in p.config_dict().items())
+        lines.append(f"  {n}. {p.name} [{p.info.consumes.value} -> {p.info.produces.value}] {cfg}")
+    if plan.verdicts:
+        lines.append("legality:")
+        lines += [f"  ok  {v}" for v in plan.verdicts]
+    else:
+        lines.append("legality: ok (no format that needs target support)")
+    e = plan.estimate
+    if e.get("known"):
+        lines.append(f"estimate: {e['parameters'] / 1e6:.1f}M parameters, model {e['model_bytes'] / 1e6:.0f} MB, "
+                     f"peak memory ~{e['peak_memory_bytes'] / 1e9:.2f} GB, outputs ~{e['output_bytes'] / 1e6:.0f} MB")
+    else:
+        lines.append(f"estimate: {e.get('reason')}")
+    if r.eval:
+        lines.append("eval: " + ", ".join(f"{d.name} ({d.source})" for d in r.eval.datasets)
+                     + f"; {r.eval.num_windows} x {r.eval.seq_len} tokens each")
+    for g in r.gates:
+        lines.append(f"gate: {g.metric} {g.kind} {g.limit}" + (f" on {g.eval_set}" if g.eval_set else ""))
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""Recipe: the YAML a model owner writes. Validated completely before any weight is loaded.
+
+Errors name the recipe file, the line and the dotted key. YAML is read with the safe loader only, so a
+recipe can never construct Python objects (`!!python/...` tags are an error).
+
+Example (runs as shipped: `compress recipes/quickstart.yaml --target cpu`):
+
+    schema_version: 1
+    name: quickstart
+    model: {source: "asset:smollm2-135m"}
+    passes:
+      - {pass: quantize_rtn, format: int8, granularity: per_channel}
+    export:
+      - {pass: export_checkpoint}
+      - {pass: export_onnx}
+    eval:
+      datasets: [{name: python-docs, source: "asset:python-docs"}]
+    gates:
+      - {metric: perplexity, max_increase_pct: 1.0}
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compressor.errors import RecipeError
+
+SCHEMA_VERSION = 1
+ASSET_PREFIX = "asset:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    """Base of every recipe model: unknown keys are errors, objects are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_local_path(source: str) -> bool:
+    """A source is an asset name, a hub id (`org/name`, not present locally) or a local path."""
+    if source.startswith(ASSET_PREFIX):
+        return False
+    if _HUB_ID.match(source) and not os.path.exists(source):
+        return False
+    return True
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="asset:NAME, a local HF folder, a .gguf file, or a hub id (org/name)")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataSpec(Strict):
+    source: str = Field(description="asset:NAME, a local .txt/.json/.jsonl/.parquet file or folder, or a hub id")
+    text_field: str = "text"
+    split: str = "train"
+    num_samples: int = Field(32, gt=0)
+    seq_len: int = Field(512, gt=1)
+    seed: int = 0
+
+
+class EvalSet(Strict):
+    name: str
+    source: str
+    text_field: str = "text"
+    split: str = "train"
+
+
+class LatencySpec(Strict):
+    enabled: bool = True
+    prompt_len: int = Field(128, gt=0)
+    decode_tokens: int = Field(16, gt=0)
+    repetitions: int = Field(5, gt=0)
+    warmup: int = Field(1, ge=0)
+    threads: int | None = Field(None, gt=0)
+
+
+class EvalSpec(Strict):
+    datasets: list[EvalSet] = Field(min_length=1)
+    num_windows: int = Field(16, gt=0)
+    seq_len: int = Field(512, gt=1)
+    latency: LatencySpec = LatencySpec()
+    batch_sizes: list[int] = Field(default=[1, 8, 64], description="batch sizes for the modeled cost")
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalSet]) -> list[EvalSet]:
+        names = [d.name for d in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"eval set names must be unique, repeated: {sorted(dup)}")
+        return v
+
+
+GATE_KINDS = ("max", "min", "max_increase", "max_increase_pct", "max_decrease", "max_decrease_pct")
+
+
+class GateSpec(Strict):
+    """A quality or cost gate. Exactly one limit kind. `max_increase*` compare result to baseline."""
+
+    metric: str
+    eval_set: str | None = None
+    max: float | None = None
+    min: float | None = None
+    max_increase: float | None = None
+    max_increase_pct: float | None = None
+    max_decrease: float | None = None
+    max_decrease_pct: float | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        from compressor.eval.gates import KNOWN_METRICS
+
+        if v not in KNOWN_METRICS:
+            close = difflib.get_close_matches(v, KNOWN_METRICS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(KNOWN_METRICS)})"
+            raise ValueError(f"unknown metric {v!r}{hint}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "GateSpec":
+        given = [k for k in GATE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a gate needs exactly one of {', '.join(GATE_KINDS)}; got {given or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in GATE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def limit(self) -> float:
+        return getattr(self, self.kind)
+
+
+class PassEntry(Strict):
+    """One pass: `{pass: NAME, <config fields>}`. The fields are validated by that pass's own config model."""
+
+    name: str
+    options: dict[str, Any] = {}
+    line: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"name": data}
+        if isinstance(data, dict) and "pass" in data:
+            rest = {k: v for k, v in data.items() if k != "pass"}
+            return {"name": data["pass"], "options": rest}
+        if isinstance(data, dict) and "name" in data:
+            return data
+        raise ValueError("a pass entry is a mapping with a `pass:` key naming the pass, e.g. {pass: quantize_rtn}")
+
+
+class Recipe(Strict):
+    schema_version: Literal[1]
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    description: str = ""
+    model: ModelSpec
+    calibration: DataSpec | None = None
+    passes: list[PassEntry] = []
+    export: list[PassEntry] = []
+    eval: EvalSpec | None = None
+    gates: list[GateSpec] = []
+    seed: int = 0
+    # Where the recipe was read from; set by `load_recipe`, used for error messages and relative paths.
+    path: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _gates_need_eval(self) -> "Recipe":
+        if self.gates and self.eval is None:
+            raise ValueError("gates need an `eval:` section to measure their metrics")
+        if self.eval:
+            names = {d.name for d in self.eval.datasets}
+            for g in self.gates:
+                if g.eval_set is not None and g.eval_set not in names:
+                    raise ValueError(f"gate on {g.metric} names eval_set {g.eval_set!r}, not one of {sorted(names)}")
+        return self
+
+    def all_passes(self) -> list[PassEntry]:
+        return list(self.passes) + list(self.export)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading with line numbers
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map each key path (('passes', 0, 'format')) to its 1-based line in the YAML text."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            out[path + (key,)] = k.start_mark.line + 1
+            _line_map(v, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[path + (i,)] = v.start_mark.line + 1
+            _line_map(v, path + (i,), out)
+    return out
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    loc = tuple(loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _pydantic_loc(loc: tuple) -> tuple:
+    """Drop pydantic's synthetic loc parts (union member names) and map PassEntry fields back to YAML keys."""
+    out = []
+    for p in loc:
+        if isinstance(p, str) and (p.startswith("function-") or p in ("PassEntry",)):
+            continue
+        out.append(p)
+    if len(out) >= 3 and out[0] in ("passes", "export") and out[2] == "name":
+        out[2] = "pass"
+    if len(out) >= 3 and out[0] in ("passes", "export") and out[2] == "options":
+        del out[2]
+    return tuple(out)
+
+
+def format_validation_error(err: ValidationError, file: str, lines: dict[tuple, int], prefix: tuple = (),
+                            model: type[BaseModel] | None = None) -> RecipeError:
+    """One-line RecipeError for the first validation error. `prefix` locates a nested config (a pass's) whose
+    pydantic `model` is then used for did-you-mean suggestions."""
+    # An unknown key usually explains the "missing" error beside it (a typo), so it is reported first.
+    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    loc = prefix + _pydantic_loc(tuple(first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key {loc[-1]!r}"
+        known = _known_keys(loc[len(prefix):-1], model) if model else _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    return RecipeError(msg, file=file, line=line_of(lines, loc), key=dotted(loc) or None)
+
+
+def _known_keys(parent: tuple, model: Any = None) -> list[str]:
+    model = model or Recipe
+    for p in parent:
+        if isinstance(p, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cand = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not cand:
+            return []
+        model = cand[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_set(expr: str) -> tuple[list[str], Any]:
+    """`--set eval.num_windows=8` -> (['eval', 'num_windows'], 8). The value is parsed as YAML (safely)."""
+    if "=" not in expr:
+        raise RecipeError(f"--set needs KEY=VALUE, got {expr!r}", file="--set")
+    key, raw = expr.split("=", 1)
+    if not key.strip():
+        raise RecipeError(f"--set needs KEY=VALUE, got {expr!r}", file="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"value is not valid YAML: {e}", file="--set", key=key) from None
+    if isinstance(value, str) and os.path.exists(value) and not os.path.isabs(value):
+        value = os.path.abspath(value)  # paths on the command line are relative to the current directory
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"index {k!r} is out of range (list has {len(node)} items)", file="--set", key=where)
+            k = int(k)
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise RecipeError("cannot set a key inside a scalar", file="--set", key=where)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), model_override: str | None = None) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe. Returns the Recipe and the line map used for later errors."""
+    p = Path(path)
+    file = str(p)
+    if not p.is_file():
+        raise RecipeError("recipe file not found", file=file)
+    text = p.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"not valid YAML: {problem}", file=file, line=line) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping (key: value) at the top level", file=file, line=1)
+    lines = _line_map(node) if node is not None else {}
+    data = copy.deepcopy(data)
+    for expr in overrides:
+        keys, value = parse_set(expr)
+        apply_override(data, keys, value)
+    if model_override:
+        data.setdefault("model", {})
+        if not isinstance(data["model"], dict):
+            raise RecipeError("model must be a mapping", file=file, line=line_of(lines, ("model",)), key="model")
+        data["model"]["source"] = os.path.abspath(model_override) if os.path.exists(model_override) else model_override
+    base = p.resolve().parent
+    _resolve_paths(data, base)
+    try:
+        recipe = Recipe.model_validate({**data, "path": file})
+    except ValidationError as e:
+        raise format_validation_error(e, file, lines) from None
+    passes = [pe.model_copy(update={"line": line_of(lines, (sec, i))})
+              for sec in ("passes", "export") for i, pe in enumerate(getattr(recipe, sec))]
+    n = len(recipe.passes)
+    recipe = recipe.model_copy(update={"passes": passes[:n], "export": passes[n:]})
+    _check_files(recipe, file, lines)
+    return recipe, lines
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Relative local paths in a recipe are relative to the recipe's folder, so it runs from any directory."""
+
+    def fix(d: Any) -> None:
+        if isinstance(d, dict) and isinstance(d.get("source"), str):
+            s = d["source"]
+            if is_local_path(s) and not os.path.isabs(s) and not s.startswith("~"):
+                cand = base / s
+                if cand.exists() or not os.path.exists(s):
+                    d["source"] = str(cand)
+            elif s.startswith("~"):
+                d["source"] = os.path.expanduser(s)
+
+    fix(data.get("model"))
+    fix(data.get("calibration"))
+    ev = data.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
+        for d in ev["datasets"]:
+            fix(d)
+
+
+def _check_files(recipe: Recipe, file: str, lines: dict) -> None:
+    from compressor import assets  # light module: names only
+
+    checks = [(("model", "source"), recipe.model.source)]
+    if recipe.calibration:
+        checks.append((("calibration", "source"), recipe.calibration.source))
+    if recipe.eval:
+        checks += [(("eval", "datasets", i, "source"), d.source) for i, d in enumerate(recipe.eval.datasets)]
+    for loc, src in checks:
+        if src.startswith(ASSET_PREFIX):
+            name = src[len(ASSET_PREFIX):]
+            if name not in assets.ASSETS:
+                close = difflib.get_close_matches(name, list(assets.ASSETS), n=1)
+                hint = f"; did you mean 'asset:{close[0]}'?" if close else f" (known: {', '.join(assets.ASSETS)})"
+                raise RecipeError(f"unknown asset {name!r}{hint}", file=file, line=line_of(lines, loc), key=dotted(loc))
+        elif is_local_path(src) and not os.path.exists(src):
+            raise RecipeError(f"file or folder not found: {src}", file=file, line=line_of(lines, loc), key=dotted(loc))

@@ -1,0 +1,101 @@
+"""The evaluation run: baseline (the model as loaded from the recipe's source) against the result, on every
+eval set; measured latency of the ONNX graphs on ONNX Runtime; modeled cost on a GPU target.
+
+Results are cached by (baseline, result stage, eval settings, ONNX artifact hash) so an unchanged rerun
+reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from compressor.cache import Cache, key_of
+
+log = logging.getLogger("compressor.eval")
+
+
+def _measure_latency(path: Path, lat, vocab: int) -> dict:
+    from compressor.eval.measure import ort_latency
+
+    return ort_latency(str(path), lat.prompt_len, lat.decode_tokens, lat.repetitions, lat.warmup, lat.threads,
+                       vocab_size=vocab)
+
+
+def _baseline_onnx(base_handle, cache: Cache, opset: int) -> Path:
+    """The baseline exported once per model (cached), so its latency can sit beside the result's."""
+    from compressor.onnx_export import export_causal_lm
+
+    key = key_of("baseline-onnx", base_handle.fingerprint, opset)
+    hit = cache.get("onnx", key)
+    if hit is None:
+        log.info("exporting the baseline to ONNX once, for latency comparison (cached)")
+        hit = cache.put("onnx", key, lambda d: export_causal_lm(base_handle.model, d / "model.onnx", opset=opset))
+    return hit / "model.onnx"
+
+
+def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifacts: list[dict]):
+    """-> (baseline metrics, result metrics, notes)."""
+    from compressor.calibration.data import eval_windows
+    from compressor.checkpoint_io import state_bytes
+    from compressor.eval import cost_model
+    from compressor.eval.metrics import compare_models
+    from compressor.model import load_model
+
+    ev = recipe.eval
+    onnx_art = next((a for a in artifacts if a["kind"] == "onnx"), None)
+    key = key_of("eval", stage_key, ev.model_dump(mode="json"), onnx_art and onnx_art["sha256"], target.name)
+    cached = cache.get_json("eval", key)
+    if cached is not None:
+        log.info("eval: reusing cached metrics")
+        return cached["baseline"], cached["result"], cached["notes"]
+
+    log.info("eval: loading the baseline %s", recipe.model.source)
+    base = load_model(recipe.model)
+    baseline = {"eval_sets": {}}
+    result = {"eval_sets": {}}
+    for d in ev.datasets:
+        windows = eval_windows(handle.tokenizer, d.source, ev.num_windows, ev.seq_len, d.text_field, d.split)
+        log.info("eval %s: %d windows x %d tokens (held out)", d.name, ev.num_windows, ev.seq_len)
+        b, r = compare_models(base.model, handle.model, windows, ctx.progress)
+        baseline["eval_sets"][d.name], result["eval_sets"][d.name] = b, r
+        log.info("eval %s: perplexity %.4f -> %.4f, KL %.5f, top-1 %.4f", d.name, b["perplexity"], r["perplexity"],
+                 r["kl_divergence"], r["top1_agreement"])
+    primary = ev.datasets[0].name
+    for k in ("perplexity",):
+        baseline[k] = baseline["eval_sets"][primary][k]
+    for k in ("perplexity", "kl_divergence", "top1_agreement"):
+        result[k] = result["eval_sets"][primary][k]
+    baseline["model_bytes"] = state_bytes(base.model)
+    result["model_bytes"] = state_bytes(handle.model)
+    notes = []
+
+    lat = ev.latency
+    if lat.enabled and onnx_art is not None:
+        vocab = handle.config.vocab_size
+        opset = onnx_opset(ctx.workdir / onnx_art["path"])
+        log.info("latency: ONNX Runtime, prompt %d, %d decode steps, %d repetitions", lat.prompt_len,
+                 lat.decode_tokens, lat.repetitions)
+        r_lat = _measure_latency(ctx.workdir / onnx_art["path"], lat, vocab)
+        b_lat = _measure_latency(_baseline_onnx(base, cache, opset), lat, vocab)
+        for metrics, m in ((baseline, b_lat), (result, r_lat)):
+            metrics["latency"] = m
+            for k in ("latency_ms_prefill", "latency_ms_decode"):
+                metrics[k] = m[k]
+            metrics["tokens_per_s"] = m["tokens_per_s"]
+    elif lat.enabled:
+        notes.append("latency not measured: the recipe exports no ONNX graph (add {pass: export_onnx} to export:)")
+    if target.is_gpu:
+        baseline["modeled"] = cost_model.model_cost(target, base.model, ev.batch_sizes, ev.seq_len)
+        result["modeled"] = cost_model.model_cost(target, handle.model, ev.batch_sizes, ev.seq_len)
+    else:
+        notes.append("target cpu: cost is measured on this machine; no modeled GPU cost")
+    cache.put_json("eval", key, {"baseline": baseline, "result": result, "notes": notes})
+    return baseline, result, notes
+
+
+def onnx_opset(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))

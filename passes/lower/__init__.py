@@ -1,0 +1,1 @@
+"""Lowering passes: exports to checkpoints, ONNX graphs and engines."""

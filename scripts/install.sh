@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything compressor needs into ./.venv and prepare the bundled assets. Idempotent.
+#   bash scripts/install.sh
+# torch==2.13.0 goes in first: on CPU machines it is a local CPU wheel; an unpinned torch would pull a
+# multi-GB CUDA build. GPU users: install your own torch build first and set COMPRESSOR_SKIP_TORCH=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Debian's Python docs: one of the two bundled text corpora.
+if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3.11-doc >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "${COMPRESSOR_SKIP_TORCH:-0}" != "1" ]; then
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[assets,dev]"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/compress assets

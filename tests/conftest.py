@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny randomly initialised Llama with a real (small, trained here) tokenizer, and text."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = ("the model quantize weight layer scale group token window export graph runtime calibration python "
+          "function module return value list dict string error file path object class method import data "
+          "king queen lord lady sword crown night day love death speak hear good noble heart").split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sents = []
+    while n_words > 0:
+        k = rng.randint(5, 14)
+        sents.append(" ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + ".")
+        n_words -= k
+    return " ".join(sents)
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """20 small documents (.txt), enough for calibration and held-out windows of a tiny model."""
+    d = tmp_path_factory.mktemp("text")
+    for i in range(20):
+        (d / f"doc{i:02d}.txt").write_text(make_text(1500, i))
+    return d
+
+
+def _train_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([make_text(3000, 99)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_llama(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0, tie: bool = True) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(folder)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty COMPRESSOR_HOME (cache) for one test."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("COMPRESSOR_HOME", str(h))
+    return h
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_model_dir, text_dir):
+    """A runnable recipe on the tiny model (INT8 RTN, checkpoint + ONNX, eval on the local text)."""
+
+    def make(extra_passes: str = "", fmt: str = "int8", gates: str = "", export: str | None = None) -> Path:
+        export = export if export is not None else """
+export:
+  - pass: export_checkpoint
+  - pass: export_onnx
+"""
+        text = f"""
+schema_version: 1
+name: tiny
+model:
+  source: {tiny_model_dir}
+passes:
+  - pass: quantize_rtn
+    format: {fmt}
+{extra_passes}
+{export}
+eval:
+  datasets:
+    - name: local
+      source: {text_dir}
+  num_windows: 4
+  seq_len: 64
+  latency: {{prompt_len: 16, decode_tokens: 4, repetitions: 2, warmup: 1}}
+{gates}
+"""
+        return write_recipe(tmp_path / "recipe.yaml", text)
+
+    return make
