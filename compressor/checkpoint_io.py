@@ -18,6 +18,34 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 
 
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (no tensor data is read).
+    A truncated, padded or garbled file raises InputError naming it."""
+    import struct
+
+    from compressor.errors import InputError
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes, file has {size - 8}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"tensors need {8 + n + end} bytes, file has {size} (truncated or padded)")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise InputError(f"corrupt safetensors file {path}: {e}") from None
+    return header
+
+
 def quantized_layers(model) -> dict[str, dict]:
     from compressor.kernels.qlinear import QuantLinear
 

@@ -35,10 +35,11 @@ def _common(f):
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+    # Ours at INFO (progress and results); everyone else's at WARNING (exporters and optimizers are chatty).
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S", force=True)
-    # Third-party chatter: keep warnings and errors only.
-    for name in ("transformers", "datasets", "huggingface_hub", "torch.onnx", "onnxscript", "httpx"):
+    logging.getLogger("compressor").setLevel(logging.WARNING if quiet else logging.INFO)
+    for name in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -82,6 +82,7 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
         ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log)
         log.info("loading model %s", recipe.model.source)
         handle = load_model(recipe.model)
+        n_params = handle.num_parameters()
         import torch
 
         torch.manual_seed(recipe.seed)
@@ -104,7 +105,8 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
             artifacts += [describe_artifact(tmp, a["path"], a["kind"]) for a in res["artifacts"]]
             done.append(p.name)
         compress_seconds = time.perf_counter() - t_start
-        report = _evaluate_and_report(plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds)
+        report = _evaluate_and_report(plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds,
+                                      n_params)
         manifest = {"schema_version": 1, "recipe": recipe.model_dump(mode="json", exclude={"path"}),
                     "recipe_path": str(recipe.path), "target": plan.target.name, "versions": versions(),
                     "model": {"source": recipe.model.source, "path": handle.path, "sha256": handle.fingerprint},
@@ -183,7 +185,8 @@ def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_k
     return meta, secs, False
 
 
-def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds) -> dict:
+def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds,
+                         n_params: int) -> dict:
     from compressor.eval import gates as gates_mod
     from compressor.eval import harness, report as report_mod
     from compressor.eval.measure import peak_rss_mb
@@ -197,7 +200,7 @@ def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, 
     gate_results = gates_mod.evaluate(recipe.gates, baseline, result)
     report = {
         "schema_version": report_mod.REPORT_SCHEMA_VERSION,
-        "model": {"source": recipe.model.source, "sha256": handle.fingerprint, "parameters": handle.num_parameters(),
+        "model": {"source": recipe.model.source, "sha256": handle.fingerprint, "parameters": n_params,
                   "architecture": type(handle.model).__name__},
         "target": plan.target.name,
         "recipe": {"name": recipe.name, "path": str(recipe.path)},

@@ -7,8 +7,6 @@ estimates peak memory and output size from the checkpoint's headers (no tensor d
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,11 +99,11 @@ def _safetensors_stats(folder: Path) -> tuple[int, int] | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
+    from compressor.checkpoint_io import read_safetensors_header
+
     n = b = 0
     for f in files:
-        with open(f, "rb") as fh:
-            (hl,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(hl))
+        header = read_safetensors_header(f)
         for k, v in header.items():
             if k == "__metadata__":
                 continue

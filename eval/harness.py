@@ -8,6 +8,7 @@ reuses them.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from compressor.cache import Cache, key_of
@@ -15,23 +16,20 @@ from compressor.cache import Cache, key_of
 log = logging.getLogger("compressor.eval")
 
 
-def _measure_latency(path: Path, lat, vocab: int) -> dict:
-    from compressor.eval.measure import ort_latency
-
-    return ort_latency(str(path), lat.prompt_len, lat.decode_tokens, lat.repetitions, lat.warmup, lat.threads,
-                       vocab_size=vocab)
-
-
-def _baseline_onnx(base_handle, cache: Cache, opset: int) -> Path:
-    """The baseline exported once per model (cached), so its latency can sit beside the result's."""
+def _baseline_onnx(base_handle, cache: Cache, opset: int, scratch: Path) -> Path:
+    """The baseline exported once per model (cached), so its latency can sit beside the result's.
+    Without a cache it is exported into `scratch`, a temporary folder the caller removes."""
     from compressor.onnx_export import export_causal_lm
 
     key = key_of("baseline-onnx", base_handle.fingerprint, opset)
     hit = cache.get("onnx", key)
-    if hit is None:
-        log.info("exporting the baseline to ONNX once, for latency comparison (cached)")
-        hit = cache.put("onnx", key, lambda d: export_causal_lm(base_handle.model, d / "model.onnx", opset=opset))
-    return hit / "model.onnx"
+    if hit is not None:
+        return hit / "model.onnx"
+    log.info("exporting the baseline to ONNX once, for latency comparison%s", " (cached)" if cache.enabled else "")
+    if cache.enabled:
+        return cache.put("onnx", key, lambda d: export_causal_lm(base_handle.model, d / "model.onnx", opset=opset)) \
+            / "model.onnx"
+    return export_causal_lm(base_handle.model, scratch / "baseline.onnx", opset=opset)
 
 
 def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifacts: list[dict]):
@@ -74,10 +72,18 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
     if lat.enabled and onnx_art is not None:
         vocab = handle.config.vocab_size
         opset = onnx_opset(ctx.workdir / onnx_art["path"])
-        log.info("latency: ONNX Runtime, prompt %d, %d decode steps, %d repetitions", lat.prompt_len,
-                 lat.decode_tokens, lat.repetitions)
-        r_lat = _measure_latency(ctx.workdir / onnx_art["path"], lat, vocab)
-        b_lat = _measure_latency(_baseline_onnx(base, cache, opset), lat, vocab)
+        from compressor.eval.measure import ort_latency
+
+        with tempfile.TemporaryDirectory(prefix="compressor-baseline-") as scratch:
+            paths = {"baseline": str(_baseline_onnx(base, cache, opset, Path(scratch))),
+                     "result": str(ctx.workdir / onnx_art["path"])}
+            lats = ort_latency(paths, lat.prompt_len, lat.decode_tokens, lat.repetitions, lat.warmup, lat.threads,
+                               vocab_size=vocab)
+        b_lat, r_lat = lats["baseline"], lats["result"]
+        log.info("latency (ONNX Runtime, batch 1, median of %d): decode %.1f -> %.1f ms/token, prefill %d tokens "
+                 "%.0f -> %.0f ms", lat.repetitions, b_lat["latency_ms_decode"]["median"],
+                 r_lat["latency_ms_decode"]["median"], lat.prompt_len, b_lat["latency_ms_prefill"]["median"],
+                 r_lat["latency_ms_prefill"]["median"])
         for metrics, m in ((baseline, b_lat), (result, r_lat)):
             metrics["latency"] = m
             for k in ("latency_ms_prefill", "latency_ms_decode"):

@@ -53,7 +53,8 @@ def render_markdown(report: dict) -> str:
     if "latency" in r:
         lat = r["latency"]
         lines.append(f"\nLatency: batch 1, prompt {lat['prompt_len']} tokens, {lat['decode_tokens']} decode steps, "
-                     f"median of {lat['latency_ms_decode']['n']} repetitions (min-max in brackets), threads "
+                     f"median of {lat['latency_ms_decode']['n']} repetitions (min-max in brackets), baseline and result "
+                     f"interleaved in one run, threads "
                      f"{lat['threads']}.")
     mb, mr = b.get("modeled"), r.get("modeled")
     if mr:

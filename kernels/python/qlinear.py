@@ -30,8 +30,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(out, in // 2) uint8 -> (out, in) uint8 codes. Inverse of `pack_int4`."""
-    low = packed & 0x0F
-    high = packed >> 4
+    low = torch.bitwise_and(packed, 15)
+    high = torch.bitwise_right_shift(packed, 4)
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
@@ -69,7 +69,12 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         """(out, in) integer codes (or FP8 values) as float32, before zero point and scale."""
         if self.fmt == "int4":
-            return unpack_int4(self.weight_packed).to(torch.float32)
+            # Unpacked in float32 (exact for 0..255): the dynamo exporter lowers uint8 right shifts to a
+            # mixed int8/uint8 graph that ONNX Runtime rejects, while Div/Floor/Sub are plain standard ops.
+            p = self.weight_packed.to(torch.float32)
+            high = torch.floor(p / 16.0)
+            low = p - 16.0 * high
+            return torch.stack((low, high), dim=-1).reshape(p.shape[0], p.shape[1] * 2)
         return self.weight_packed.to(torch.float32)
 
     def dequantized_weight(self) -> torch.Tensor:
