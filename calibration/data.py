@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 from pathlib import Path
 
@@ -125,7 +124,3 @@ def calibration_windows(tokenizer, source: str, num_samples: int, seq_len: int, 
     starts = sorted(rng.sample(range(len(stream) // seq_len), num_samples))
     rows = [stream[s * seq_len:(s + 1) * seq_len] for s in starts]
     return torch.tensor(rows, dtype=torch.long)
-
-
-def describe(source: str) -> str:
-    return source if not os.path.isabs(source) else os.path.basename(source)

@@ -87,8 +87,7 @@ def resolve_source(spec: ModelSpec) -> tuple[str, Path | None]:
 
 def load_model(spec: ModelSpec) -> ModelHandle:
     import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compressor import checkpoint_io
 
@@ -152,7 +151,6 @@ def load_model(spec: ModelSpec) -> ModelHandle:
         raise
     except Exception as e:  # noqa: BLE001
         raise InputError(f"could not load model from {path}: {type(e).__name__}: {e}") from None
-    del transformers
     return _finish(model, tok, spec, path, fingerprint)
 
 

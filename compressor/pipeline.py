@@ -14,7 +14,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from compressor import assets
 from compressor.artifacts import atomic_output, check_output, describe_artifact, versions
@@ -22,7 +21,7 @@ from compressor.cache import Cache, key_of
 from compressor.context import RunContext
 from compressor.errors import CompressorError, GateFailed, PassError
 from compressor.plan import Plan, PlannedPass, build_plan
-from compressor.recipe import Recipe, load_recipe
+from compressor.recipe import load_recipe
 from compressor.targets import get_target
 
 log = logging.getLogger("compressor")
