@@ -96,8 +96,9 @@ def test_w4a16_recipe_on_h200_reports_loss_and_modeled_cost(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
     b, r = report["baseline"]["metrics"], report["result"]["metrics"]
-    # INT4 g64 symmetric RTN loses real quality on SmolLM2 (later issues beat it); it must not collapse.
-    assert 1.01 < r["perplexity"] / b["perplexity"] < 1.5
+    # INT4 g64 symmetric RTN loses real quality on SmolLM2 (measured: +48%; later issues beat it). The loss must
+    # be visible (the scheme really quantized) and must not be a collapse.
+    assert 1.2 < r["perplexity"] / b["perplexity"] < 1.8
     assert r["model_bytes"] < 0.35 * b["model_bytes"]
     modeled = r["modeled"]
     assert modeled["target"] == "h200" and modeled["points"][0]["batch"] == 1
