@@ -43,6 +43,9 @@ def scatter_svg(points: list[dict], x: str, y: str, label: str = "name", title: 
                f'transform="rotate(-90 16 {(top + height - bottom) / 2})">{escape(y_label or y)}</text>')
     for p, vx, vy in zip(points, xs, ys):
         out.append(f'<circle cx="{px(vx):.1f}" cy="{py(vy):.1f}" r="5" fill="#1f77b4"/>')
-        out.append(f'<text x="{px(vx) + 8:.1f}" y="{py(vy) - 8:.1f}">{escape(str(p[label]))}</text>')
+        # Labels of points near the right edge extend leftwards, so they are not cut off.
+        right_side = px(vx) > 0.7 * width
+        tx, anchor = (px(vx) - 8, "end") if right_side else (px(vx) + 8, "start")
+        out.append(f'<text x="{tx:.1f}" y="{py(vy) - 8:.1f}" text-anchor="{anchor}">{escape(str(p[label]))}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
