@@ -40,7 +40,7 @@ def atomic_output(out: Path, overwrite: bool):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        _normalise_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "x")
@@ -51,6 +51,18 @@ def atomic_output(out: Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalise_modes(root: Path) -> None:
+    """Temp folders and some writers (safetensors) create private files; outputs get the user's usual modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
 def describe_artifact(root: Path, rel: str, kind: str) -> dict:

@@ -94,58 +94,60 @@ def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
     return plan
 
 
-def _safetensors_stats(folder: Path) -> tuple[int, int] | None:
-    """(parameters, bytes) from the safetensors headers of a folder; no tensor data is read."""
+# (name, shape, bytes) of each tensor of a checkpoint, read from safetensors headers.
+TensorInfo = tuple[str, tuple[int, ...], int]
+
+
+def _safetensors_tensors(folder: Path) -> list[TensorInfo] | None:
+    """Every tensor's name, shape and bytes from the safetensors headers of a folder; no tensor data is read."""
+    from compressor.checkpoint_io import read_safetensors_header
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    from compressor.checkpoint_io import read_safetensors_header
-
-    n = b = 0
+    out: list[TensorInfo] = []
     for f in files:
-        header = read_safetensors_header(f)
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            count = 1
-            for d in v["shape"]:
-                count *= d
-            n += count
-            b += v["data_offsets"][1] - v["data_offsets"][0]
-    return n, b
+        for k, v in read_safetensors_header(f).items():
+            if k != "__metadata__":
+                out.append((k, tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]))
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def estimate(plan: Plan) -> dict[str, Any]:
-    """Peak memory and output size, from headers only. Unknown for hub ids not yet downloaded."""
+    """Peak memory and output size, from headers only. Unknown for hub ids not yet downloaded and for .gguf
+    files (whose tensors are dequantized on load)."""
     from compressor import assets
 
     src = plan.recipe.model.source
-    stats = None
+    folder = None
     if src.startswith(ASSET_PREFIX):
-        p = assets.asset_path(src[len(ASSET_PREFIX):])
-        stats = _safetensors_stats(p) if p.exists() else None
-        if stats is None and src == "asset:smollm2-135m":
-            stats = (134_515_008, 538_060_032)  # known size of the bundled model before it is prepared
+        folder = assets.asset_path(src[len(ASSET_PREFIX):])
     elif is_local_path(src) and Path(src).is_dir():
-        stats = _safetensors_stats(Path(src))
-    elif is_local_path(src) and Path(src).is_file():
-        stats = (0, Path(src).stat().st_size * 4)  # gguf: dequantized to fp32 in memory, roughly 4-8x the file
-    if stats is None:
-        return {"known": False, "reason": "model size unknown before download"}
-    n_params, model_bytes = stats
+        folder = Path(src)
+    tensors = _safetensors_tensors(folder) if folder is not None and folder.exists() else None
+    if tensors is None:
+        return {"known": False, "reason": "model size unknown before download or conversion (no safetensors headers)"}
+    n_params = sum(_numel(t[1]) for t in tensors)
+    model_bytes = sum(t[2] for t in tensors)
     factor = max([p.info.memory_factor for p in plan.passes] or [1.0])
     # The eval holds the baseline beside the result, plus activations for one window.
     peak = model_bytes * factor + (model_bytes if plan.recipe.eval else 0)
     out_bytes = 0
-    current = model_bytes
     for p in plan.passes:
         if p.info.output_bytes is None:
             continue
-        b = p.info.output_bytes(p.config, n_params, current)
+        after = p.info.output_bytes(p.config, tensors)
         if p.info.lowers:
-            out_bytes += b
+            out_bytes += sum(t[2] for t in after)
         else:
-            current = b
+            tensors = after
     return {"known": True, "parameters": n_params, "model_bytes": model_bytes,
             "peak_memory_bytes": int(peak), "output_bytes": int(out_bytes)}
 

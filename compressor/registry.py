@@ -57,8 +57,9 @@ class PassInfo:
     formats: Callable[[Any], set[Format]] = lambda cfg: set()
     # Rough peak memory as a multiple of the model's bytes, for the plan's estimate.
     memory_factor: float = 1.0
-    # Output bytes as a function of (config, model parameter count, model bytes), for the plan's estimate.
-    output_bytes: Callable[[Any, int, int], int] | None = None
+    # For the plan's estimate: (config, [(tensor name, shape, bytes)]) -> the tensors after this pass (a transform)
+    # or the tensors its artifact holds (a lowering).
+    output_bytes: Callable[[Any, list], list] | None = None
     doc: str = ""
 
     @property
@@ -76,7 +77,7 @@ class DuplicatePass(CompressorError):
 
 def register_pass(name: str, *, config: type[BaseModel], consumes: Artifact, produces: Artifact,
                   needs_calibration: bool = False, formats: Callable[[Any], set[Format]] | None = None,
-                  memory_factor: float = 1.0, output_bytes: Callable[[Any, int, int], int] | None = None):
+                  memory_factor: float = 1.0, output_bytes: Callable[[Any, list], list] | None = None):
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY:
             raise DuplicatePass(f"pass {name!r} is registered twice ({_REGISTRY[name].run.__module__} and {fn.__module__})")

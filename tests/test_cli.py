@@ -78,6 +78,20 @@ def test_no_cache_run_writes_nothing_to_the_cache(tiny_recipe, tmp_path, home, c
     assert report["result"]["metrics"]["latency_ms_decode"]["n"] == 2
 
 
+def test_same_recipe_twice_gives_identical_bytes(tiny_recipe, tmp_path, home, capsys):
+    """Without the cache, two runs recompute everything and still agree to the byte (timings excepted)."""
+    recipe = tiny_recipe(fmt="int4\n    granularity: per_group\n    group_size: 32")
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"det{i}"
+        rc, _, err = _run([recipe, "--target", "cpu", "--out", out, "--no-cache", "--quiet",
+                           "--set", "eval.latency.enabled=false"], capsys)
+        assert rc == 0, err
+        runs.append(json.loads((out / "report" / "report.json").read_text()))
+    assert [a["sha256"] for a in runs[0]["artifacts"]] == [a["sha256"] for a in runs[1]["artifacts"]]
+    assert runs[0]["result"]["metrics"]["eval_sets"] == runs[1]["result"]["metrics"]["eval_sets"]
+
+
 def test_failed_gate_exits_1_and_keeps_outputs(tiny_recipe, tmp_path, home, capsys):
     recipe = tiny_recipe(fmt="int4\n    granularity: per_group\n    group_size: 32",
                          gates="gates:\n  - {metric: kl_divergence, max: 0.0}",

@@ -24,7 +24,7 @@ class ExportCheckpointConfig(BaseModel):
 
 
 @register_pass("export_checkpoint", config=ExportCheckpointConfig, consumes=Artifact.TORCH_MODEL,
-               produces=Artifact.CHECKPOINT, output_bytes=lambda c, n, b: b)
+               produces=Artifact.CHECKPOINT, output_bytes=lambda cfg, tensors: tensors)
 def run(handle, cfg: ExportCheckpointConfig, ctx) -> PassResult:
     from compressor.checkpoint_io import quantized_layers, save_compressed
 

@@ -69,9 +69,20 @@ class RTNConfig(BaseModel):
         return _BITS[self.format]
 
 
-def _output_bytes(cfg: RTNConfig, n_params: int, model_bytes: int) -> int:
-    scale_overhead = 32 / cfg.group_size if cfg.granularity == "per_group" else 0.0
-    return int(n_params * (cfg.bits_per_weight + scale_overhead) / 8)
+def _output_bytes(cfg: RTNConfig, tensors: list) -> list:
+    """Tensor sizes after quantization, from checkpoint headers: 2-D Linear weights not ignored become packed
+    codes plus float32 scales; embeddings and everything else keep their size."""
+    out = []
+    for name, shape, nbytes in tensors:
+        module = name.removesuffix(".weight")
+        if (len(shape) == 2 and name.endswith(".weight") and "embed" not in module
+                and not any(fnmatch.fnmatchcase(module, p) for p in cfg.ignore)):
+            rows, cols = shape
+            groups = 1 if cfg.granularity != "per_group" else max(1, cols // (cfg.group_size or cols))
+            scale_rows = 1 if cfg.granularity == "per_tensor" else rows
+            nbytes = int(rows * cols * cfg.bits_per_weight / 8) + scale_rows * groups * 4 * (1 if cfg.symmetric else 1.25)
+        out.append((name, shape, int(nbytes)))
+    return out
 
 
 def select_layers(model, ignore: list[str]) -> list[tuple[str, object]]:
