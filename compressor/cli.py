@@ -117,7 +117,7 @@ def passes_cmd():
                    + ("  (needs calibration)" if info.needs_calibration else ""))
         for name, f in info.config.model_fields.items():
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation).replace("typing.", "")
             desc = f" - {f.description}" if f.description else ""
             click.echo(f"    {name}: {ann} ({default}){desc}")
 

@@ -36,29 +36,47 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, inp // group_size, group_size)
 
 
-def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Quantized:
-    """RTN integer quantization of a (out, in) weight. int4 codes are returned unsigned (0..15)."""
-    out, inp = w.shape
-    g = _grouped(w.detach().to(torch.float32), group_size)
+def int_params(g: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and float zero point) for the last dimension of `g` (..., group). Shapes (..., 1)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1  # 127 or 7
-        qmin = -qmax if bits == 8 else -(2 ** (bits - 1))  # int8 [-127, 127]; int4 [-8, 7]
-        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / qmax
-        q = torch.clamp(torch.round(g / scale), qmin, qmax)
-        if bits == 4:
-            codes = (q + 8).to(torch.uint8)
-        else:
-            codes = q.to(torch.int8)
-        zero = None
+        return g.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / qmax, None
+    qmax = 2**bits - 1
+    lo = g.amin(dim=-1, keepdim=True).clamp_max(0.0)  # include 0 so it is exactly representable
+    hi = g.amax(dim=-1, keepdim=True).clamp_min(0.0)
+    scale = ((hi - lo) / qmax).clamp_min(_EPS)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, qmax)
+
+
+def int_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Integer codes as float: symmetric q in [-127, 127] (int8) or [-8, 7] (int4); asymmetric in [0, 2^bits - 1]."""
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax if bits == 8 else -(2 ** (bits - 1))
+        return torch.clamp(torch.round(g / scale), qmin, qmax)
+    return torch.clamp(torch.round(g / scale) + zero, 0, 2**bits - 1)
+
+
+def int_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    return (codes - zero) * scale if zero is not None else codes * scale
+
+
+def to_storage(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, shape) -> "Quantized":
+    """Float codes (rows, G, g) + params (rows, G, 1) -> the Quantized storage QuantLinear takes."""
+    out, inp = shape
+    if zero is None:
+        codes = (q + 8).to(torch.uint8) if bits == 4 else q.to(torch.int8)
     else:
-        qmax = 2**bits - 1
-        lo = g.amin(dim=-1, keepdim=True).clamp_max(0.0)  # include 0 so it is exactly representable
-        hi = g.amax(dim=-1, keepdim=True).clamp_min(0.0)
-        scale = ((hi - lo) / qmax).clamp_min(_EPS)
-        zero_f = torch.clamp(torch.round(-lo / scale), 0, qmax)
-        codes = torch.clamp(torch.round(g / scale) + zero_f, 0, qmax).to(torch.uint8)
-        zero = zero_f.squeeze(-1).to(torch.uint8)
-    return Quantized(codes.reshape(out, inp), scale.squeeze(-1), zero)
+        codes = q.to(torch.uint8)
+    return Quantized(codes.reshape(out, inp), scale.squeeze(-1),
+                     None if zero is None else zero.squeeze(-1).to(torch.uint8))
+
+
+def quantize_int(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Quantized:
+    """RTN integer quantization of a (out, in) weight. int4 codes are returned unsigned (0..15)."""
+    g = _grouped(w.detach().to(torch.float32), group_size)
+    scale, zero = int_params(g, bits, symmetric)
+    return to_storage(int_codes(g, scale, zero, bits), scale, zero, bits, w.shape)
 
 
 def quantize_fp8(w: torch.Tensor, group_size: int) -> Quantized:

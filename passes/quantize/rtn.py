@@ -16,7 +16,6 @@ Example (INT4, groups of 64 input columns, symmetric; SmolLM2's widths 576 and 1
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -70,26 +69,9 @@ class RTNConfig(BaseModel):
 
 
 def _output_bytes(cfg: RTNConfig, tensors: list) -> list:
-    """Tensor sizes after quantization, from checkpoint headers: 2-D Linear weights not ignored become packed
-    codes plus float32 scales; embeddings and everything else keep their size."""
-    out = []
-    for name, shape, nbytes in tensors:
-        module = name.removesuffix(".weight")
-        if (len(shape) == 2 and name.endswith(".weight") and "embed" not in module
-                and not any(fnmatch.fnmatchcase(module, p) for p in cfg.ignore)):
-            rows, cols = shape
-            groups = 1 if cfg.granularity != "per_group" else max(1, cols // (cfg.group_size or cols))
-            scale_rows = 1 if cfg.granularity == "per_tensor" else rows
-            nbytes = int(rows * cols * cfg.bits_per_weight / 8) + scale_rows * groups * 4 * (1 if cfg.symmetric else 1.25)
-        out.append((name, shape, int(nbytes)))
-    return out
+    from compressor.passes.quantize._layers import estimate_tensors
 
-
-def select_layers(model, ignore: list[str]) -> list[tuple[str, object]]:
-    from torch import nn
-
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(n, p) for p in ignore)]
+    return estimate_tensors(tensors, cfg.bits_per_weight, cfg.group, cfg.symmetric, cfg.ignore)
 
 
 @register_pass("quantize_rtn", config=RTNConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.TORCH_MODEL,
@@ -97,22 +79,14 @@ def select_layers(model, ignore: list[str]) -> list[tuple[str, object]]:
 def run(handle, cfg: RTNConfig, ctx) -> PassResult:
     import torch
 
-    from compressor.kernels.qlinear import QuantLinear, pack_int4
     from compressor.passes.quantize import _rtn_math as m
+    from compressor.passes.quantize._layers import install_quantized, select_layers, split_ragged
 
     layers = select_layers(handle.model, cfg.ignore)
     if not layers:
         raise PassError("quantize_rtn", [], f"no Linear layers left to quantize after ignore={cfg.ignore}", exit_code=2)
-    skipped = []
-    if cfg.granularity == "per_group":
-        ragged = [(n, mod.in_features) for n, mod in layers if mod.in_features % cfg.group_size]
-        if ragged and cfg.ragged == "error":
-            n, w = ragged[0]
-            more = f" (and {len(ragged) - 1} more layers)" if len(ragged) > 1 else ""
-            raise PassError("quantize_rtn", [], f"group_size {cfg.group_size} does not divide the input width {w} of "
-                            f"layer {n}{more}; pick a group size that divides it, or set ragged: skip", exit_code=2)
-        skipped = [n for n, _ in ragged]
-        layers = [(n, mod) for n, mod in layers if n not in skipped]
+    group = cfg.group_size if cfg.granularity == "per_group" else None
+    layers, skipped = split_ragged("quantize_rtn", layers, group, cfg.ragged)
     if cfg.format == "int4" and any(mod.in_features % 2 for _, mod in layers):
         raise PassError("quantize_rtn", [], "int4 packing needs even input widths", exit_code=2)
 
@@ -124,20 +98,11 @@ def run(handle, cfg: RTNConfig, ctx) -> PassResult:
                 q = m.quantize_fp8(w, cfg.group)
             else:
                 q = m.quantize_int(w, _BITS[cfg.format], cfg.group, cfg.symmetric)
-            ql = QuantLinear(lin.in_features, lin.out_features, fmt=cfg.format, group_size=cfg.group,
-                             symmetric=cfg.symmetric, bias=lin.bias is not None, dtype=w.dtype)
-            ql.weight_packed.copy_(pack_int4(q.codes) if cfg.format == "int4" else q.codes)
-            ql.weight_scale.copy_(q.scale)
-            if q.zero_point is not None:
-                ql.weight_zero_point.copy_(q.zero_point)
-            if lin.bias is not None:
-                ql.bias.data.copy_(lin.bias.data)
+            ql = install_quantized(handle.model, name, lin, q, cfg.format, cfg.group, cfg.symmetric)
             deq = ql.dequantized_weight()
             if not torch.isfinite(deq).all():
                 raise PassError("quantize_rtn", [], f"layer {name}: dequantized weight has NaN/Inf")
             sqnr[name] = round(m.sqnr_db(w, deq), 3)
-            parent_name, _, child = name.rpartition(".")
-            setattr(handle.model.get_submodule(parent_name) if parent_name else handle.model, child, ql)
     vals = sorted(sqnr.values())
     info = {"layers_quantized": len(sqnr), "layers_skipped_ragged": skipped,
             "sqnr_db_min": vals[0], "sqnr_db_median": vals[len(vals) // 2],

@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's rounding error over
+the columns not yet quantized, weighted by the inverse Hessian H = 2 X^T X of the layer's inputs.
+
+Pure functions on tensors. Groups are contiguous input columns in the original order (so the storage matches
+RTN's and QuantLinear's); with act_order the columns are visited in order of decreasing Hessian diagonal, and
+the group parameters are computed up front from the original weight ("static groups") so that they stay
+attached to their columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.passes.quantize._rtn_math import Quantized, int_codes, int_dequant, int_params, to_storage
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    pass
+
+
+@dataclass
+class GPTQResult:
+    quantized: Quantized
+    dampening: float  # the dampening fraction that finally worked
+    retries: int  # how many times dampening was raised because H was not positive definite
+    loss: float  # sum of (w - q)^2 / d^2 over columns: GPTQ's proxy for the output error
+
+
+def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running mean of 2 x^T x over tokens. x (..., in) -> H (in, in) float64 for a stable Cholesky."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    m = x.shape[0]
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    h *= n / (n + m)
+    h += (2.0 / (n + m)) * x.T @ x
+    return h, n + m
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; raises HessianNotPositiveDefinite."""
+    h = h.clone()
+    idx = torch.arange(h.shape[0])
+    h[idx, idx] += damp * torch.mean(torch.diag(h))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise HessianNotPositiveDefinite(f"Cholesky of H failed at column {info.item()} (dampening {damp})")
+    hinv = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        raise HessianNotPositiveDefinite(f"Cholesky of H^-1 failed (dampening {damp})")
+    return upper
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  max_retries: int = 5) -> GPTQResult:
+    """w (out, in), h (in, in) -> quantized storage. group_size: > 0 per group, 0 per channel."""
+    out, cols = w.shape
+    if group_size > 0 and cols % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {cols}")
+    g = group_size if group_size > 0 else cols
+    block = block_size if block_size % g == 0 or g >= cols else g
+    W = w.detach().to(torch.float64).clone()
+    H = h.to(torch.float64).clone()
+    if not torch.isfinite(H).all():
+        raise HessianNotPositiveDefinite("H has NaN/Inf entries (the calibration activations overflowed)")
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights cannot matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # Group parameters: static (from the original weight) with act_order or per-channel; else computed on the
+    # updated weight when GPTQ reaches each group, as in the paper.
+    static = act_order or group_size == 0
+    n_groups = cols // g
+    scales = torch.zeros(out, n_groups, 1, dtype=torch.float64)
+    zeros = None if symmetric else torch.zeros(out, n_groups, 1, dtype=torch.float64)
+    if static:
+        s, z = int_params(W.reshape(out, n_groups, g), bits, symmetric)
+        scales[:] = s
+        if zeros is not None:
+            zeros[:] = z
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    retries, d = 0, damp
+    while True:
+        try:
+            U = _inverse_cholesky(H, d)
+            break
+        except HessianNotPositiveDefinite:
+            if retries >= max_retries:
+                raise
+            retries += 1
+            d = d * 10.0 if d > 0 else 0.01
+
+    Q = torch.zeros_like(W)
+    loss = 0.0
+    done = torch.zeros(n_groups, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            gi = col // g
+            if not static and not done[gi]:
+                # Columns of this group are contiguous and unpermuted here (no act_order): i .. i+g in W1.
+                s, z = int_params(W1[:, i:i + g].unsqueeze(1), bits, symmetric)
+                scales[:, gi] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, gi] = z[:, 0]
+                done[gi] = True
+            s = scales[:, gi]
+            z = zeros[:, gi] if zeros is not None else None
+            wcol = W1[:, i:i + 1]
+            q = int_dequant(int_codes(wcol, s, z, bits), s, z)
+            Q[:, i1 + i] = q[:, 0]
+            dcol = U1[i, i]
+            err = (wcol[:, 0] - q[:, 0]) / dcol
+            loss += float((err**2).sum()) / 2
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    # Re-derive the integer codes from the dequantized values on their group's grid (exact: Q lies on it).
+    Qg = Q.reshape(out, n_groups, g)
+    codes = int_codes(Qg, scales, zeros, bits)
+    stored = to_storage(codes, scales.to(torch.float32), None if zeros is None else zeros, bits, (out, cols))
+    return GPTQResult(stored, d, retries, loss)

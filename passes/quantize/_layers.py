@@ -1,0 +1,71 @@
+"""Plumbing shared by the weight-quantization passes: choosing layers, checking group sizes, swapping in
+QuantLinear modules. (Math lives in _rtn_math / _gptq_math.)"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from compressor.errors import PassError
+
+
+def select_layers(model, ignore: list[str], prefix: str = "") -> list[tuple[str, object]]:
+    """(full name, nn.Linear) of every Linear under `model` whose full name matches no ignore pattern."""
+    from torch import nn
+
+    out = []
+    for n, m in model.named_modules():
+        full = f"{prefix}.{n}" if prefix and n else (prefix or n)
+        if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(full, p) for p in ignore):
+            out.append((full, m))
+    return out
+
+
+def split_ragged(pass_name: str, layers: list, group_size: int | None, policy: str) -> tuple[list, list[str]]:
+    """-> (layers the group size tiles, names skipped). policy "error" raises, naming the first layer."""
+    if not group_size:
+        return layers, []
+    ragged = [(n, mod.in_features) for n, mod in layers if mod.in_features % group_size]
+    if ragged and policy == "error":
+        n, w = ragged[0]
+        more = f" (and {len(ragged) - 1} more layers)" if len(ragged) > 1 else ""
+        raise PassError(pass_name, [], f"group_size {group_size} does not divide the input width {w} of "
+                        f"layer {n}{more}; pick a group size that divides it, or set ragged: skip", exit_code=2)
+    skipped = [n for n, _ in ragged]
+    return [(n, mod) for n, mod in layers if n not in skipped], skipped
+
+
+def install_quantized(model, name: str, lin, q, fmt: str, group: int, symmetric: bool):
+    """Replace the Linear `name` in `model` by a QuantLinear holding `q` (a _rtn_math.Quantized)."""
+    import torch
+
+    from compressor.kernels.qlinear import QuantLinear, pack_int4
+
+    ql = QuantLinear(lin.in_features, lin.out_features, fmt=fmt, group_size=group, symmetric=symmetric,
+                     bias=lin.bias is not None, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        ql.weight_packed.copy_(pack_int4(q.codes) if fmt == "int4" else q.codes)
+        ql.weight_scale.copy_(q.scale)
+        if q.zero_point is not None:
+            ql.weight_zero_point.copy_(q.zero_point)
+        if lin.bias is not None:
+            ql.bias.data.copy_(lin.bias.data)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
+    return ql
+
+
+def estimate_tensors(tensors: list, bits: float, group: int, symmetric: bool, ignore: list[str]) -> list:
+    """For the plan's estimate, from checkpoint headers: 2-D Linear weights not ignored become packed codes plus
+    float32 scales (and zero points); embeddings and everything else keep their size. group: > 0 per group,
+    0 per channel, -1 per tensor."""
+    out = []
+    for name, shape, nbytes in tensors:
+        module = name.removesuffix(".weight")
+        if (len(shape) == 2 and name.endswith(".weight") and "embed" not in module
+                and not any(fnmatch.fnmatchcase(module, p) for p in ignore)):
+            rows, cols = shape
+            groups = cols // group if group > 0 else 1
+            params = (1 if group == -1 else rows) * groups
+            nbytes = int(rows * cols * bits / 8) + params * (4 if symmetric else 5)
+        out.append((name, shape, int(nbytes)))
+    return out

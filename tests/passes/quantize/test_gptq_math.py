@@ -1,0 +1,69 @@
+"""GPTQ math: lower output error than RTN on correlated inputs; non-positive-definite Hessians are survived."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.passes.quantize import _rtn_math as m
+from compressor.passes.quantize._gptq_math import HessianNotPositiveDefinite, accumulate_hessian, gptq_quantize
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    inp = 128
+    mix = torch.randn(inp, inp) * 0.3 + torch.eye(inp)
+    x = (torch.randn(2048, inp) @ mix) * (torch.rand(inp) * 3 + 0.1)  # correlated, unevenly scaled inputs
+    w = torch.randn(64, inp)
+    h, n = accumulate_hessian(None, 0, x[:1000])
+    h, n = accumulate_hessian(h, n, x[1000:])
+    return x, w, h, n
+
+
+def test_running_hessian_equals_batch_hessian(problem):
+    x, _, h, n = problem
+    assert n == 2048
+    torch.testing.assert_close(h, 2 * x.double().T @ x.double() / 2048)
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order,max_ratio", [
+    (4, 32, True, False, 0.7), (4, 32, False, False, 0.7), (4, 0, True, False, 0.7), (4, 32, True, True, 0.5),
+    (8, 0, True, False, 0.8),
+])
+def test_gptq_beats_rtn_on_output_error(problem, bits, group, sym, act_order, max_ratio):
+    x, w, h, _ = problem
+    fmt = f"int{bits}"
+    r = gptq_quantize(w, h, bits, group, sym, act_order=act_order)
+    gptq = m.dequantize(r.quantized, fmt, group, sym)
+    rtn = m.dequantize(m.quantize_int(w, bits, group, sym), fmt, group, sym)
+    ref = x @ w.T
+    err_g = ((x @ gptq.T - ref) ** 2).mean()
+    err_r = ((x @ rtn.T - ref) ** 2).mean()
+    assert err_g / err_r < max_ratio, float(err_g / err_r)
+    # Codes respect the storage ranges of QuantLinear.
+    c = r.quantized.codes
+    assert (c.dtype == torch.uint8 and int(c.max()) <= 15) if bits == 4 else c.dtype in (torch.int8, torch.uint8)
+    assert r.retries == 0 and r.dampening == 0.01
+
+
+def test_not_positive_definite_hessian_is_retried_with_more_dampening(problem):
+    _, w, h, _ = problem
+    bad = h.clone()
+    bad[5, 5] = -bad[5, 5] * 50  # a strongly negative direction: Cholesky fails at small dampening
+    r = gptq_quantize(w, bad, 4, 32, True, damp=0.01)
+    assert r.retries >= 1 and r.dampening > 0.01
+    deq = m.dequantize(r.quantized, "int4", 32, True)
+    assert torch.isfinite(deq).all() and m.sqnr_db(w, deq) > 10
+    with pytest.raises(HessianNotPositiveDefinite):
+        gptq_quantize(w, bad, 4, 32, True, damp=0.01, max_retries=0)
+
+
+def test_dead_inputs_get_zero_weight(problem):
+    x, w, _, _ = problem
+    x = x.clone()
+    x[:, 7] = 0
+    h, _ = accumulate_hessian(None, 0, x)
+    r = gptq_quantize(w, h, 4, 32, True)
+    deq = m.dequantize(r.quantized, "int4", 32, True)
+    assert torch.all(deq[:, 7] == 0)
