@@ -25,6 +25,13 @@ def key_of(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def sha256_tensor(t) -> str:
+    """Content hash of a tensor (dtype, shape and bytes), e.g. of tokenized calibration or eval windows."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class Cache:
     def __init__(self, root: Path, enabled: bool = True):
         self.root = Path(root)

@@ -154,15 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cli.main(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: the partial output folder was removed; finished stages stay cached", err=True)
         return 130
     except click.ClickException as e:
         e.show()
         return 2
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written to the output folder", err=True)
-        return 130
     except GateFailed as e:
         click.echo(f"gate failed: {e}", err=True)
         return 1

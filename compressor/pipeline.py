@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compressor import assets
 from compressor.artifacts import atomic_output, check_output, describe_artifact, versions
-from compressor.cache import Cache, key_of
+from compressor.cache import Cache, key_of, sha256_tensor
 from compressor.context import RunContext
 from compressor.errors import CompressorError, GateFailed, PassError
 from compressor.plan import Plan, PlannedPass, build_plan
@@ -94,8 +94,8 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
                                           c.text_field, c.split)
             log.info("calibration: %d x %d tokens from %s (seed %d)", *batches.shape, c.source, c.seed)
             ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log, calibration=lambda: batches)
-        provenance, artifacts, pass_info = [], [], {}
-        stage_key = _run_transforms(plan, handle, ctx, cache, provenance, pass_info)
+        provenance, artifacts = [], []
+        stage_key = _run_transforms(plan, handle, ctx, cache, provenance)
         done = [p["name"] for p in provenance]
         for p in plan.lowerings:
             res, secs, cached = _run_lowering(p, handle, ctx, cache, stage_key, done)
@@ -119,14 +119,18 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
     return summary
 
 
-def _run_transforms(plan: Plan, handle, ctx, cache: Cache, provenance: list, pass_info: dict) -> str:
+def _run_transforms(plan: Plan, handle, ctx, cache: Cache, provenance: list) -> str:
     """Run the passes that change the model, reusing the longest finished prefix from the cache."""
     from compressor.checkpoint_io import save_compressed
 
     from compressor import __version__
 
     chain, keys = [], []
-    base = key_of("stage", __version__, handle.fingerprint, plan.recipe.model.dtype, plan.recipe.seed)
+    # The calibration tokens themselves (not just the recipe's data settings) key the stages, so an edited
+    # calibration file can never reuse a stage calibrated on the old text.
+    calib = ctx.calibration() if ctx.calibration is not None else None
+    calib_hash = sha256_tensor(calib) if calib is not None else None
+    base = key_of("stage", __version__, handle.fingerprint, plan.recipe.model.dtype, plan.recipe.seed, calib_hash)
     for p in plan.transforms:
         chain.append([p.name, p.config_dict()])
         keys.append(key_of(base, chain))

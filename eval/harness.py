@@ -11,7 +11,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from compressor.cache import Cache, key_of
+from compressor.cache import Cache, key_of, sha256_tensor
 
 log = logging.getLogger("compressor.eval")
 
@@ -42,7 +42,11 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
 
     ev = recipe.eval
     onnx_art = next((a for a in artifacts if a["kind"] == "onnx"), None)
-    key = key_of("eval", stage_key, ev.model_dump(mode="json"), onnx_art and onnx_art["sha256"], target.name)
+    # Tokenized first: the cache key holds the evaluated tokens, so edited eval files are never served stale.
+    windows = {d.name: eval_windows(handle.tokenizer, d.source, ev.num_windows, ev.seq_len, d.text_field, d.split)
+               for d in ev.datasets}
+    key = key_of("eval", stage_key, ev.model_dump(mode="json"), onnx_art and onnx_art["sha256"], target.name,
+                 {n: sha256_tensor(w) for n, w in windows.items()})
     cached = cache.get_json("eval", key)
     if cached is not None:
         log.info("eval: reusing cached metrics")
@@ -53,9 +57,8 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
     baseline = {"eval_sets": {}}
     result = {"eval_sets": {}}
     for d in ev.datasets:
-        windows = eval_windows(handle.tokenizer, d.source, ev.num_windows, ev.seq_len, d.text_field, d.split)
         log.info("eval %s: %d windows x %d tokens (held out)", d.name, ev.num_windows, ev.seq_len)
-        b, r = compare_models(base.model, handle.model, windows, ctx.progress)
+        b, r = compare_models(base.model, handle.model, windows[d.name], ctx.progress)
         baseline["eval_sets"][d.name], result["eval_sets"][d.name] = b, r
         log.info("eval %s: perplexity %.4f -> %.4f, KL %.5f, top-1 %.4f", d.name, b["perplexity"], r["perplexity"],
                  r["kl_divergence"], r["top1_agreement"])

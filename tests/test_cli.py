@@ -201,3 +201,30 @@ def test_targets_and_help(capsys):
     assert rc == 0 and "h200" in out and "141 GB" in out and "4.80 TB/s" in out
     rc, out, _ = _run(["--help"], capsys)
     assert rc == 0 and "plan" in out and "assets" in out
+
+
+def test_ctrl_c_leaves_no_output(tiny_recipe, tmp_path, home):
+    """SIGINT in the middle of a run (here: during the ONNX export) ends it with 130 and removes the partial folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "compressor", str(tiny_recipe()), "--target", "cpu", "--out",
+                             str(out)], stderr=subprocess.PIPE, text=True, env={**os.environ})
+    deadline = time.time() + 120
+    log = ""
+    while time.time() < deadline:  # wait until the export starts, so there is partial output to clean up
+        line = proc.stderr.readline()
+        log += line
+        if "export_onnx: exporting" in line or not line:
+            break
+    assert "export_onnx: exporting" in log, log
+    assert any(p.name.startswith(".run.partial-") for p in out.parent.iterdir())
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, log + rest
+    assert "interrupted" in rest
+    assert list(out.parent.iterdir()) == []

@@ -48,3 +48,27 @@ def test_gptq_without_calibration_is_refused_at_plan_time(tmp_path, tiny_model_d
                  "passes:\n  - {pass: quantize_gptq, group_size: 32}\n")
     with pytest.raises(RecipeError, match="needs calibration data"):
         load_and_plan(str(p), "cpu")
+
+
+def test_changed_calibration_text_is_not_served_from_cache(tiny_recipe, text_dir, tmp_path, home, capsys):
+    import shutil
+
+    calib = tmp_path / "calib"
+    shutil.copytree(text_dir, calib)
+    recipe = tiny_recipe(export="export: []")
+    text = recipe.read_text()
+    start = text.index("passes:\n") + len("passes:\n")
+    recipe.write_text(text[:start] + "  - {pass: quantize_gptq, format: int4, group_size: 32}\n"
+                      + text[text.index("\neval:"):] + f"calibration:\n  source: {calib}\n  num_samples: 4\n  seq_len: 64\n")
+    args = ["--target", "cpu", "--quiet", "--set", "eval.latency.enabled=false"]
+
+    def cached(out) -> bool:
+        rc, _, err = _run([recipe, "--out", tmp_path / out, *args], capsys)
+        assert rc == 0, err
+        return json.loads((tmp_path / out / "manifest.json").read_text())["passes"][0]["cached"]
+
+    assert cached("a") is False
+    assert cached("b") is True
+    for f in sorted(calib.iterdir()):
+        f.write_text(f.read_text().replace("the", "a"))
+    assert cached("c") is False
