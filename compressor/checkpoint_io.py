@@ -99,12 +99,8 @@ def replace_linears(model, layers: dict[str, dict]) -> None:
     from compressor.kernels.qlinear import QuantLinear
 
     for name, scheme in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, child)
-        q = QuantLinear(lin.in_features, lin.out_features, fmt=scheme["format"], group_size=scheme["group_size"],
-                        symmetric=scheme["symmetric"], bias=lin.bias is not None, dtype=lin.weight.dtype)
-        setattr(parent, child, q)
+        lin = model.get_submodule(name)
+        model.set_submodule(name, QuantLinear.like(lin, scheme["format"], scheme["group_size"], scheme["symmetric"]))
 
 
 def read_quantization_config(folder: Path) -> dict | None:

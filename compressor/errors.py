@@ -51,6 +51,7 @@ class PassError(CompressorError):
     exit_code = 3
 
     def __init__(self, pass_name: str, before: list[str], message: str, *, exit_code: int | None = None):
+        self.pass_name, self.before, self.detail = pass_name, list(before), message
         after = f" (after {', '.join(before)})" if before else ""
         super().__init__(f"pass {pass_name}{after} failed: {message}")
         if exit_code is not None:

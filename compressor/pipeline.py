@@ -54,8 +54,8 @@ def _run_pass(p: PlannedPass, handle, ctx: RunContext, before: list[str]):
     try:
         result = p.info.run(handle, p.config, ctx)
     except PassError as e:
-        if before and "(after" not in str(e):
-            e.args = (str(e).replace(f"pass {p.name} failed", f"pass {p.name} (after {', '.join(before)}) failed", 1),)
+        if before and not e.before:  # a pass knows only itself; the pipeline adds what ran before it
+            raise PassError(e.pass_name, before, e.detail, exit_code=e.exit_code) from e
         raise
     except CompressorError:
         raise

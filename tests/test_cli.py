@@ -228,3 +228,11 @@ def test_ctrl_c_leaves_no_output(tiny_recipe, tmp_path, home):
     assert proc.returncode == 130, log + rest
     assert "interrupted" in rest
     assert list(out.parent.iterdir()) == []
+
+
+def test_pass_error_names_the_passes_before_it(tiny_recipe, tmp_path, home, capsys):
+    out = tmp_path / "o" / "run"
+    rc, _, err = _run([tiny_recipe(fmt="fp8"), "--target", "cpu", "--out", out, "--set", "export.1.opset=18"], capsys)
+    assert rc == 2, err
+    assert "pass export_onnx (after quantize_rtn, export_checkpoint) failed: FP8 weights need opset 19" in err
+    assert _siblings(out) == []

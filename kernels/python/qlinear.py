@@ -62,6 +62,12 @@ class QuantLinear(nn.Module):
             self.weight_zero_point = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
+    @classmethod
+    def like(cls, lin: nn.Linear, fmt: str, group_size: int, symmetric: bool) -> "QuantLinear":
+        """An empty QuantLinear with `lin`'s shape, bias and dtype (codes and scales still to be filled)."""
+        return cls(lin.in_features, lin.out_features, fmt=fmt, group_size=group_size, symmetric=symmetric,
+                   bias=lin.bias is not None, dtype=lin.weight.dtype)
+
     @property
     def scheme(self) -> dict:
         return {"format": self.fmt, "group_size": self.group_size, "symmetric": self.symmetric}

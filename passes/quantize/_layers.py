@@ -40,8 +40,7 @@ def install_quantized(model, name: str, lin, q, fmt: str, group: int, symmetric:
 
     from compressor.kernels.qlinear import QuantLinear, pack_int4
 
-    ql = QuantLinear(lin.in_features, lin.out_features, fmt=fmt, group_size=group, symmetric=symmetric,
-                     bias=lin.bias is not None, dtype=lin.weight.dtype)
+    ql = QuantLinear.like(lin, fmt, group, symmetric)
     with torch.no_grad():
         ql.weight_packed.copy_(pack_int4(q.codes) if fmt == "int4" else q.codes)
         ql.weight_scale.copy_(q.scale)
@@ -49,8 +48,7 @@ def install_quantized(model, name: str, lin, q, fmt: str, group: int, symmetric:
             ql.weight_zero_point.copy_(q.zero_point)
         if lin.bias is not None:
             ql.bias.data.copy_(lin.bias.data)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, ql)
+    model.set_submodule(name, ql)
     return ql
 
 
