@@ -78,9 +78,17 @@ def save_compressed(model, tokenizer, folder: Path, extra_meta: dict | None = No
     layers = quantized_layers(model)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    if layers:
-        cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                      "layers": layers, **(extra_meta or {})}
+    kv = cfg.pop("compressor_kv_cache", None)
+    unfused = cfg.pop("compressor_unfused_experts", False)
+    if layers or kv or unfused:
+        q = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layers, **(extra_meta or {})}
+        if kv:
+            q["kv_cache"] = kv
+        if unfused:
+            q["unfused_experts"] = True  # experts stored as experts.<e>.{gate,up,down}_proj Linear layers
+        cfg["quantization_config"] = q
+        if kv:  # transformers must not look for our attention implementation by name when loading elsewhere
+            cfg.pop("_attn_implementation", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -94,13 +102,28 @@ def save_compressed(model, tokenizer, folder: Path, extra_meta: dict | None = No
     return folder / WEIGHTS_NAME
 
 
+def rebuild_structure(model, qcfg: dict) -> None:
+    """Before loading a compressed checkpoint's tensors: split experts, add KV scales, swap in QuantLinear."""
+    if qcfg.get("unfused_experts"):
+        from compressor.moe import unfuse_experts
+
+        unfuse_experts(model)
+    kv = qcfg.get("kv_cache")
+    if kv:
+        from compressor.kernels import kv_quant
+
+        kv_quant.install(model, bool(kv.get("per_head")))
+        model.config.compressor_kv_cache = dict(kv)
+    replace_linears(model, qcfg.get("layers", {}))
+
+
 def replace_linears(model, layers: dict[str, dict]) -> None:
     """Swap the named nn.Linear modules for empty QuantLinear modules of the given schemes."""
     from compressor.kernels.qlinear import QuantLinear
 
     for name, scheme in layers.items():
         lin = model.get_submodule(name)
-        model.set_submodule(name, QuantLinear.like(lin, scheme["format"], scheme["group_size"], scheme["symmetric"]))
+        model.set_submodule(name, QuantLinear.from_scheme(lin, scheme))
 
 
 def read_quantization_config(folder: Path) -> dict | None:

@@ -164,7 +164,7 @@ def _load_compressed(path: Path, qcfg: dict, dtype, trust: bool):
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust)
-    checkpoint_io.replace_linears(model, qcfg["layers"])
+    checkpoint_io.rebuild_structure(model, qcfg)
     state = {}
     for w in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(w)))

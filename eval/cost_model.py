@@ -34,9 +34,12 @@ def serving_weight_bytes(model) -> tuple[int, int, str]:
         else:
             total += t.numel() * (2 if t.is_floating_point() else t.element_size())
             params += t.numel()
-    # Weight-only schemes dequantize to 16-bit before the GEMM, so they compute at the BF16 rate. Passes that
-    # quantize activations (W8A8, FP8 activations) will report their own compute precision.
-    return total, params, "bf16"
+    # Weight-only schemes dequantize to 16-bit before the GEMM, so they compute at the BF16 rate. When every
+    # quantized layer also quantizes its activations, the GEMMs run at that precision (W8A8 INT8/FP8, W4A8 at
+    # the FP8 rate, NVFP4 at the FP4 rate).
+    acts = {(m.activations or {}).get("format") for m in qmods.values()}
+    precision = {"int8": "int8", "fp8": "fp8", "nvfp4": "fp4"}.get(acts.pop(), "bf16") if len(acts) == 1 else "bf16"
+    return total, params, precision
 
 
 def kv_bytes_per_token(config, kv_bytes: int = 2) -> int:
@@ -64,7 +67,9 @@ def decode(target: TargetSpec, weight_bytes: int, params: int, kv_per_token: int
 
 def model_cost(target: TargetSpec, model, batch_sizes: list[int], context: int) -> dict:
     wb, params, precision = serving_weight_bytes(model)
-    kv = kv_bytes_per_token(model.config)
+    kv_fp8 = bool(getattr(model.config, "compressor_kv_cache", None))
+    kv = kv_bytes_per_token(model.config, 1 if kv_fp8 else 2)
     return {"modeled": True, "target": target.name, "precision": precision, "weight_bytes": wb,
+            "kv_cache": "fp8" if kv_fp8 else "bf16",
             "bandwidth_efficiency": BW_EFF, "flop_efficiency": FLOP_EFF,
             "points": [decode(target, wb, params, kv, precision, b, context) for b in batch_sizes]}
