@@ -106,10 +106,20 @@ def eval_windows(tokenizer, source: str, num_windows: int, seq_len: int, text_fi
     return torch.tensor(stream[:need], dtype=torch.long).reshape(num_windows, seq_len)
 
 
-def calibration_windows(tokenizer, source: str, num_samples: int, seq_len: int, seed: int,
+def calibration_windows(tokenizer, source: str | list[str], num_samples: int, seq_len: int, seed: int,
                         text_field: str = "text", split: str = "train"):
-    """Seeded selection of `num_samples` windows of `seq_len` tokens from the calibration part. (N, L) int64."""
+    """Seeded selection of `num_samples` windows of `seq_len` tokens from the calibration part. (N, L) int64.
+    A list of sources mixes them: the samples are shared out as evenly as possible, in list order."""
     import torch
+
+    if not isinstance(source, str):
+        if not source:
+            raise InputError("calibration.source: an empty list of sources")
+        k = len(source)
+        counts = [num_samples // k + (1 if i < num_samples % k else 0) for i in range(k)]
+        parts = [calibration_windows(tokenizer, s, n, seq_len, seed, text_field, split)
+                 for s, n in zip(source, counts) if n]
+        return torch.cat(parts)
 
     calib, _ = split_documents(load_documents(source, text_field, split))
     rng = random.Random(seed)

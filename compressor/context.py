@@ -20,6 +20,8 @@ class RunContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("compressor"))
     # Calibration batches: a callable returning token id tensors (N, L); None when the recipe has no calibration.
     calibration: Callable[[], Any] | None = None
+    # False with --no-cache: passes then recompute calibration statistics instead of reusing cached ones.
+    cache_enabled: bool = True
 
     def progress(self, iterable, total: int | None = None, desc: str = "", unit: str = "it"):
         """A progress bar with ETA on stderr (nothing with --quiet)."""
