@@ -114,7 +114,8 @@ def passes_cmd():
 
     for info in all_passes():
         click.echo(f"{info.name}  [{info.consumes.value} -> {info.produces.value}]"
-                   + ("  (needs calibration)" if info.needs_calibration else ""))
+                   + ("  (needs calibration)" if info.needs_calibration is True else
+                      "  (may need calibration)" if callable(info.needs_calibration) else ""))
         for name, f in info.config.model_fields.items():
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
             ann = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation).replace("typing.", "")

@@ -19,7 +19,7 @@ from compressor import assets
 from compressor.artifacts import atomic_output, check_output, describe_artifact, versions
 from compressor.cache import Cache, key_of, sha256_tensor
 from compressor.context import RunContext
-from compressor.errors import CompressorError, GateFailed, PassError
+from compressor.errors import CompressorError, GateFailed, InputError, PassError
 from compressor.plan import Plan, PlannedPass, build_plan
 from compressor.recipe import load_recipe
 from compressor.targets import get_target
@@ -78,7 +78,7 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
     from compressor.model import load_model
 
     with atomic_output(out, overwrite) as tmp:
-        ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log)
+        ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log, cache_enabled=cache.enabled)
         log.info("loading model %s", recipe.model.source)
         handle = load_model(recipe.model)
         n_params = handle.num_parameters()
@@ -90,10 +90,15 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
             from compressor.calibration.data import calibration_windows
 
             c = recipe.calibration
+            ctx_len = getattr(handle.config, "max_position_embeddings", None)
+            if ctx_len and c.seq_len > ctx_len:
+                raise InputError(f"{recipe.path}: calibration.seq_len {c.seq_len} is beyond the model's context "
+                                 f"of {ctx_len} tokens (max_position_embeddings of {recipe.model.source})")
             batches = calibration_windows(handle.tokenizer, c.source, c.num_samples, c.seq_len, c.seed,
                                           c.text_field, c.split)
-            log.info("calibration: %d x %d tokens from %s (seed %d)", *batches.shape, c.source, c.seed)
-            ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log, calibration=lambda: batches)
+            log.info("calibration: %d x %d tokens from %s (seed %d)", *batches.shape, ", ".join(c.sources), c.seed)
+            ctx = RunContext(plan.target, tmp, cache.root, recipe.seed, quiet, log, calibration=lambda: batches,
+                             cache_enabled=cache.enabled)
         provenance, artifacts = [], []
         stage_key = _run_transforms(plan, handle, ctx, cache, provenance)
         done = [p["name"] for p in provenance]
@@ -104,8 +109,12 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
             artifacts += [describe_artifact(tmp, a["path"], a["kind"]) for a in res["artifacts"]]
             done.append(p.name)
         compress_seconds = time.perf_counter() - t_start
+        from compressor.eval.measure import peak_rss_mb
+
+        # Peak memory up to here: loading, calibration and every pass, before evaluation loads a baseline.
+        compress_rss = peak_rss_mb()
         report = _evaluate_and_report(plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds,
-                                      n_params)
+                                      n_params, compress_rss)
         manifest = {"schema_version": 1, "recipe": recipe.model_dump(mode="json", exclude={"path"}),
                     "recipe_path": str(recipe.path), "target": plan.target.name, "versions": versions(),
                     "model": {"source": recipe.model.source, "path": handle.path, "sha256": handle.fingerprint},
@@ -189,7 +198,7 @@ def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_k
 
 
 def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds,
-                         n_params: int) -> dict:
+                         n_params: int, compress_rss: float) -> dict:
     from compressor.eval import gates as gates_mod
     from compressor.eval import harness, report as report_mod
     from compressor.eval.measure import peak_rss_mb
@@ -200,6 +209,7 @@ def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, 
         baseline, result, notes = harness.evaluate(recipe, plan.target, handle, ctx, cache, stage_key, artifacts)
     result["compress_seconds"] = compress_seconds
     result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb_compress"] = compress_rss
     gate_results = gates_mod.evaluate(recipe.gates, baseline, result)
     report = {
         "schema_version": report_mod.REPORT_SCHEMA_VERSION,

@@ -78,7 +78,7 @@ def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
                               f"{lowered_by.index}) exported it, so the export would miss the change; move exports "
                               "after the passes that change the model (or into `export:`)",
                               file=file, line=line_of(lines, loc), key=f"{section}.{i}")
-        if info.needs_calibration and recipe.calibration is None:
+        if info.calibrates(cfg) and recipe.calibration is None:
             raise RecipeError(f"pass {info.name} needs calibration data: add a `calibration:` section",
                               file=file, line=line_of(lines, loc), key=f"{section}.{i}")
         for fmt in sorted(info.formats(cfg)):

@@ -61,7 +61,12 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    source: str = Field(description="asset:NAME, a local .txt/.json/.jsonl/.parquet file or folder, or a hub id")
+    source: str | list[str] = Field(description="asset:NAME, a local .txt/.json/.jsonl/.parquet file or folder, "
+                                    "or a hub id; a list mixes several sources in equal shares")
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
     text_field: str = "text"
     split: str = "train"
     num_samples: int = Field(32, gt=0)
@@ -359,15 +364,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), model_overri
 def _resolve_paths(data: dict, base: Path) -> None:
     """Relative local paths in a recipe are relative to the recipe's folder, so it runs from any directory."""
 
+    def fix_one(s: str) -> str:
+        if is_local_path(s) and not os.path.isabs(s) and not s.startswith("~"):
+            cand = base / s
+            if cand.exists() or not os.path.exists(s):
+                return str(cand)
+        elif s.startswith("~"):
+            return os.path.expanduser(s)
+        return s
+
     def fix(d: Any) -> None:
         if isinstance(d, dict) and isinstance(d.get("source"), str):
-            s = d["source"]
-            if is_local_path(s) and not os.path.isabs(s) and not s.startswith("~"):
-                cand = base / s
-                if cand.exists() or not os.path.exists(s):
-                    d["source"] = str(cand)
-            elif s.startswith("~"):
-                d["source"] = os.path.expanduser(s)
+            d["source"] = fix_one(d["source"])
+        elif isinstance(d, dict) and isinstance(d.get("source"), list):
+            d["source"] = [fix_one(s) if isinstance(s, str) else s for s in d["source"]]
 
     fix(data.get("model"))
     fix(data.get("calibration"))
@@ -382,7 +392,8 @@ def _check_files(recipe: Recipe, file: str, lines: dict) -> None:
 
     checks = [(("model", "source"), recipe.model.source)]
     if recipe.calibration:
-        checks.append((("calibration", "source"), recipe.calibration.source))
+        srcs = recipe.calibration.sources
+        checks += [(("calibration", "source") + ((i,) if len(srcs) > 1 else ()), s) for i, s in enumerate(srcs)]
     if recipe.eval:
         checks += [(("eval", "datasets", i, "source"), d.source) for i, d in enumerate(recipe.eval.datasets)]
     for loc, src in checks:

@@ -53,7 +53,8 @@ class PassInfo:
     run: Callable[..., PassResult]
     consumes: Artifact
     produces: Artifact
-    needs_calibration: bool = False
+    # True, False, or a function of the config (e.g. only static activation scales need calibration).
+    needs_calibration: bool | Callable[[Any], bool] = False
     formats: Callable[[Any], set[Format]] = lambda cfg: set()
     # Rough peak memory as a multiple of the model's bytes, for the plan's estimate.
     memory_factor: float = 1.0
@@ -61,6 +62,10 @@ class PassInfo:
     # or the tensors its artifact holds (a lowering).
     output_bytes: Callable[[Any, list], list] | None = None
     doc: str = ""
+
+    def calibrates(self, cfg) -> bool:
+        nc = self.needs_calibration
+        return bool(nc(cfg)) if callable(nc) else bool(nc)
 
     @property
     def lowers(self) -> bool:
@@ -76,7 +81,7 @@ class DuplicatePass(CompressorError):
 
 
 def register_pass(name: str, *, config: type[BaseModel], consumes: Artifact, produces: Artifact,
-                  needs_calibration: bool = False, formats: Callable[[Any], set[Format]] | None = None,
+                  needs_calibration: bool | Callable[[Any], bool] = False, formats: Callable[[Any], set[Format]] | None = None,
                   memory_factor: float = 1.0, output_bytes: Callable[[Any, list], list] | None = None):
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-KNOWN_METRICS = ("perplexity", "kl_divergence", "top1_agreement", "model_bytes", "peak_rss_mb", "compress_seconds",
-                 "latency_ms_prefill", "latency_ms_decode", "tokens_per_s")
+KNOWN_METRICS = ("perplexity", "kl_divergence", "top1_agreement", "model_bytes", "peak_rss_mb", "peak_rss_mb_compress",
+                 "compress_seconds", "latency_ms_prefill", "latency_ms_decode", "tokens_per_s")
 
 
 def _lookup(metrics: dict, name: str, eval_set: str | None):

@@ -85,6 +85,17 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def tiny_eval(text_dir: Path, latency: str) -> str:
+    """The eval section of the tiny recipes: 4 windows of 64 tokens of the local text."""
+    return f"""eval:
+  datasets:
+    - name: local
+      source: {text_dir}
+  num_windows: 4
+  seq_len: 64
+  latency: {latency}"""
+
+
 @pytest.fixture()
 def tiny_recipe(tmp_path, tiny_model_dir, text_dir):
     """A runnable recipe on the tiny model (INT8 RTN, checkpoint + ONNX, eval on the local text)."""
@@ -105,15 +116,55 @@ passes:
     format: {fmt}
 {extra_passes}
 {export}
-eval:
-  datasets:
-    - name: local
-      source: {text_dir}
-  num_windows: 4
-  seq_len: 64
-  latency: {{prompt_len: 16, decode_tokens: 4, repetitions: 2, warmup: 1}}
+{tiny_eval(text_dir, "{prompt_len: 16, decode_tokens: 4, repetitions: 2, warmup: 1}")}
 {gates}
 """
         return write_recipe(tmp_path / "recipe.yaml", text)
 
     return make
+
+
+@pytest.fixture()
+def quant_recipe(tmp_path, tiny_model_dir, text_dir):
+    """A recipe on the tiny model with the given passes (YAML list items), calibrated on the local text."""
+
+    def make(passes: str, calibration: str | None = "", export: str = "export: [{pass: export_checkpoint}]",
+             model: Path | None = None, name: str = "recipe.yaml", extra: str = "") -> Path:
+        calib = "" if calibration is None else (calibration or f"""
+calibration:
+  source: {text_dir}
+  num_samples: 8
+  seq_len: 64
+""")
+        text = f"""
+schema_version: 1
+name: tiny
+model:
+  source: {model or tiny_model_dir}
+{calib}
+passes:
+{passes}
+{export}
+{tiny_eval(text_dir, "{enabled: false}")}
+{extra}
+"""
+        return write_recipe(tmp_path / name, text)
+
+    return make
+
+
+def run_cli(args, capsys):
+    """(exit code, stdout, stderr) of the compress CLI."""
+    from compressor.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, *capsys.readouterr()
+
+
+def run_report(recipe: Path, out: Path, capsys, target: str = "cpu") -> dict:
+    """Run a recipe through the CLI and return its report.json (asserting success)."""
+    import json
+
+    rc, _, err = run_cli([recipe, "--target", target, "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    return json.loads((out / "report" / "report.json").read_text())

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.passes.quantize._rtn_math import Quantized, int_codes, int_dequant, int_params, to_storage
+from compressor.passes.quantize._rtn_math import (Quantized, int_codes, int_dequant, int_params, mse_clip_ratio,
+                                                  to_storage)
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -56,8 +57,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  max_retries: int = 5) -> GPTQResult:
-    """w (out, in), h (in, in) -> quantized storage. group_size: > 0 per group, 0 per channel."""
+                  max_retries: int = 5, observer: str = "minmax") -> GPTQResult:
+    """w (out, in), h (in, in) -> quantized storage. group_size: > 0 per group, 0 per channel.
+    observer mse: each group's range is the MSE-optimal clipping of its weights at the time it is set."""
     out, cols = w.shape
     if group_size > 0 and cols % group_size:
         raise ValueError(f"group size {group_size} does not divide the input width {cols}")
@@ -77,8 +79,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     n_groups = cols // g
     scales = torch.zeros(out, n_groups, 1, dtype=torch.float64)
     zeros = None if symmetric else torch.zeros(out, n_groups, 1, dtype=torch.float64)
+    def params(wg):
+        ratio = mse_clip_ratio(wg, bits, symmetric) if observer == "mse" else 1.0
+        return int_params(wg, bits, symmetric, ratio)
+
     if static:
-        s, z = int_params(W.reshape(out, n_groups, g), bits, symmetric)
+        s, z = params(W.reshape(out, n_groups, g))
         scales[:] = s
         if zeros is not None:
             zeros[:] = z
@@ -110,7 +116,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             gi = col // g
             if not static and not done[gi]:
                 # Columns of this group are contiguous and unpermuted here (no act_order): i .. i+g in W1.
-                s, z = int_params(W1[:, i:i + g].unsqueeze(1), bits, symmetric)
+                s, z = params(W1[:, i:i + g].unsqueeze(1))
                 scales[:, gi] = s[:, 0]
                 if zeros is not None:
                     zeros[:, gi] = z[:, 0]

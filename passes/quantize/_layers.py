@@ -8,6 +8,16 @@ import fnmatch
 from compressor.errors import PassError
 
 
+def prepare(model, logger=None) -> None:
+    """Turn fused MoE experts into per-expert Linear layers so that they are quantized like any other layer
+    (never silently left in float)."""
+    from compressor.moe import unfuse_experts
+
+    n = unfuse_experts(model)
+    if n and logger is not None:
+        logger.info("split %d fused expert modules into per-expert Linear layers", n)
+
+
 def select_layers(model, ignore: list[str], prefix: str = "") -> list[tuple[str, object]]:
     """(full name, nn.Linear) of every Linear under `model` whose full name matches no ignore pattern."""
     from torch import nn
@@ -34,18 +44,21 @@ def split_ragged(pass_name: str, layers: list, group_size: int | None, policy: s
     return [(n, mod) for n, mod in layers if n not in skipped], skipped
 
 
-def install_quantized(model, name: str, lin, q, fmt: str, group: int, symmetric: bool):
+def install_quantized(model, name: str, lin, q, fmt: str, group: int, symmetric: bool, block_size: int = 0,
+                      activations: dict | None = None):
     """Replace the Linear `name` in `model` by a QuantLinear holding `q` (a _rtn_math.Quantized)."""
     import torch
 
     from compressor.kernels.qlinear import QuantLinear, pack_int4
 
-    ql = QuantLinear.like(lin, fmt, group, symmetric)
+    ql = QuantLinear.like(lin, fmt, group, symmetric, block_size, activations)
     with torch.no_grad():
-        ql.weight_packed.copy_(pack_int4(q.codes) if fmt == "int4" else q.codes)
+        ql.weight_packed.copy_(pack_int4(q.codes) if fmt in ("int4", "nvfp4") else q.codes)
         ql.weight_scale.copy_(q.scale)
         if q.zero_point is not None:
             ql.weight_zero_point.copy_(q.zero_point)
+        if q.global_scale is not None:
+            ql.weight_global_scale.copy_(q.global_scale)
         if lin.bias is not None:
             ql.bias.data.copy_(lin.bias.data)
     model.set_submodule(name, ql)
@@ -67,3 +80,20 @@ def estimate_tensors(tensors: list, bits: float, group: int, symmetric: bool, ig
             nbytes = int(rows * cols * bits / 8) + params * (4 if symmetric else 5)
         out.append((name, shape, int(nbytes)))
     return out
+
+
+def run_blocks(pass_name: str, model, batches, work, ctx, no_tokens: dict, borrowed: str) -> None:
+    """Layer-sequential calibration for a quantization pass: progress, NaN activations as a PassError naming
+    the layer, and a warning listing MoE experts that got no tokens (and what they borrowed instead)."""
+    from compressor.calibration.forward_loop import decoder_blocks, layer_sequential
+    from compressor.calibration.stats import NonFiniteActivation
+
+    ctx.logger.info("%s: %d calibration samples x %d tokens, %d blocks", pass_name, *batches.shape,
+                    len(decoder_blocks(model)))
+    try:
+        layer_sequential(model, batches, work, ctx.progress)
+    except NonFiniteActivation as e:
+        raise PassError(pass_name, [], str(e)) from None
+    if no_tokens:
+        ctx.logger.warning("%s: %d expert layers received no calibration tokens; they use their sibling experts' "
+                           "%s: %s", pass_name, len(no_tokens), borrowed, sorted(no_tokens))

@@ -23,86 +23,77 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compressor.errors import PassError
+from compressor.passes.quantize._activations import calibrate_static
+from compressor.passes.quantize._config import IntWeightConfig, formats, output_bytes
 from compressor.registry import Artifact, PassResult, register_pass
-from compressor.targets import Format
-
-_FORMATS = {"int8": Format.INT8, "int4": Format.INT4_WEIGHT_ONLY}
-_BITS = {"int8": 8, "int4": 4}
 
 
-class GPTQConfig(BaseModel):
+class GPTQConfig(IntWeightConfig):
     """GPTQ weight quantization (Frantar et al., 2022)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["int4", "int8"] = "int4"
-    group_size: int = Field(128, ge=0, description="input columns per scale; 0 = one scale per output channel")
-    symmetric: bool = True
     dampening_frac: float = Field(0.01, ge=0, description="added to H's diagonal, as a fraction of its mean")
     act_order: bool = Field(False, description="visit columns by decreasing Hessian diagonal (static groups)")
     block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
     max_damp_retries: int = Field(5, ge=0, description="times dampening is raised 10x if H is not positive definite")
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="fnmatch patterns of layer names")
-    ragged: Literal["error", "skip"] = "error"
-
-
-def _output_bytes(cfg: GPTQConfig, tensors: list) -> list:
-    from compressor.passes.quantize._layers import estimate_tensors
-
-    return estimate_tensors(tensors, _BITS[cfg.format], cfg.group_size, cfg.symmetric, cfg.ignore)
+    observer: Literal["minmax", "mse"] = Field("minmax", description="group ranges from min/max, or MSE-optimal "
+                                               "clipping of each group")
 
 
 @register_pass("quantize_gptq", config=GPTQConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.TORCH_MODEL,
-               needs_calibration=True, formats=lambda c: {_FORMATS[c.format]}, memory_factor=1.5,
-               output_bytes=_output_bytes)
+               needs_calibration=True, formats=formats, memory_factor=1.5,
+               output_bytes=output_bytes)
 def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
     import torch
 
-    from compressor.calibration.forward_loop import decoder_blocks, layer_sequential
+    from compressor.calibration.forward_loop import decoder_blocks
     from compressor.passes.quantize import _rtn_math as m
-    from compressor.passes.quantize._gptq_math import HessianNotPositiveDefinite, accumulate_hessian, gptq_quantize
-    from compressor.passes.quantize._layers import install_quantized, select_layers, split_ragged
+    from compressor.moe import siblings
+    from compressor.passes.quantize._gptq_math import HessianNotPositiveDefinite, gptq_quantize
+    from compressor.passes.quantize._hessians import collect
+    from compressor.passes.quantize._layers import install_quantized, prepare, run_blocks, select_layers, split_ragged
 
     if ctx.calibration is None:
         raise PassError("quantize_gptq", [], "needs calibration data (a `calibration:` section)", exit_code=2)
+    prepare(handle.model, ctx.logger)
     batches = ctx.calibration()
     model = handle.model
+    act = cfg.activations.scheme if cfg.activations else None
+    no_tokens: dict[str, str] = {}
     blocks = decoder_blocks(model)
     prefix = next(n for n, mod in model.named_modules() if mod is blocks)
     all_layers = [(f"{prefix}.{i}", select_layers(b, cfg.ignore, prefix=f"{prefix}.{i}")) for i, b in enumerate(blocks)]
     flat, skipped = split_ragged("quantize_gptq", [x for _, ls in all_layers for x in ls], cfg.group_size, cfg.ragged)
     keep = {n for n, _ in flat}
-    bits = _BITS[cfg.format]
+    bits = cfg.bits
     stats: dict[str, dict] = {}
 
     def work(i: int, block, run_block) -> None:
         layers = [(n, lin) for n, lin in all_layers[i][1] if n in keep]
-        hess: dict[str, list] = {n: [None, 0] for n, _ in layers}
-
-        def hook_for(name):
-            def hook(mod, args):
-                hess[name][0], hess[name][1] = accumulate_hessian(hess[name][0], hess[name][1], args[0])
-            return hook
-
-        handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in layers]
-        try:
+        with collect(layers) as hstats:  # q/k/v and gate/up share one Hessian
             run_block()
-        finally:
-            for h in handles:
-                h.remove()
+        names = [n for n, _ in layers]
         for name, lin in layers:
-            h, n_tok = hess[name]
+            st = hstats.get(name)
+            if st is None or st.n == 0:  # an MoE expert no token was routed to: borrow its siblings' Hessian
+                sib = [hstats[s] for s in siblings(name, names) if s in hstats and hstats[s].n]
+                if not sib:
+                    raise PassError("quantize_gptq", [], f"{name} received no calibration tokens and no sibling "
+                                    "expert did either; give more calibration data")
+                h, n_tok = torch.stack([s.hessian for s in sib]).mean(0), 0
+                no_tokens[name] = f"average Hessian of {len(sib)} sibling experts"
+            else:
+                h, n_tok = st.hessian, st.n
             try:
                 r = gptq_quantize(lin.weight.data, h, bits, cfg.group_size, cfg.symmetric, cfg.dampening_frac,
-                                  cfg.block_size, cfg.act_order, cfg.max_damp_retries)
+                                  cfg.block_size, cfg.act_order, cfg.max_damp_retries, cfg.observer)
             except HessianNotPositiveDefinite as e:
                 raise PassError("quantize_gptq", [], f"{name}: Hessian not positive definite after "
                                 f"{cfg.max_damp_retries} retries ({e}); raise dampening_frac (now "
                                 f"{cfg.dampening_frac}) or give more calibration data") from None
-            ql = install_quantized(model, name, lin, r.quantized, cfg.format, cfg.group_size, cfg.symmetric)
+            ql = install_quantized(model, name, lin, r.quantized, cfg.format, cfg.group_size, cfg.symmetric, 0, act)
             deq = ql.dequantized_weight()
             if not torch.isfinite(deq).all():
                 raise PassError("quantize_gptq", [], f"{name}: dequantized weight has NaN/Inf")
@@ -112,13 +103,13 @@ def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
                 ctx.logger.warning("quantize_gptq: %s: Hessian not positive definite at dampening %g; "
                                    "succeeded at %g after %d retries", name, cfg.dampening_frac, r.dampening, r.retries)
 
-    ctx.logger.info("quantize_gptq: %d calibration samples x %d tokens, %d blocks", *batches.shape, len(blocks))
-    layer_sequential(model, batches, work, ctx.progress)
+    run_blocks("quantize_gptq", model, batches, work, ctx, no_tokens, "Hessians")
     vals = sorted(s["sqnr_db"] for s in stats.values())
     retried = {n: {"dampening": s["dampening"], "retries": s["retries"]} for n, s in stats.items() if s["retries"]}
     info = {"layers_quantized": len(stats), "layers_skipped_ragged": skipped, "sqnr_db_min": vals[0],
             "sqnr_db_median": vals[len(vals) // 2], "calibration_tokens": int(batches.numel()),
-            "dampening_retries": retried}
+            "dampening_retries": retried, "experts_without_tokens": no_tokens}
     ctx.logger.info("quantize_gptq: %d layers, weight SQNR median %.1f dB; %d layers needed more dampening",
                     len(stats), info["sqnr_db_median"], len(retried))
+    info.update(calibrate_static("quantize_gptq", handle, cfg.activations, ctx))
     return PassResult(info=info)
