@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.passes.quantize._rtn_math import fake_quantize_int
-from compressor.passes.quantize._smooth_math import awq_scales, group_output_error, output_error
+from compressor.passes.quantize._rtn_math import fake_quantize_int, int_codes, int_dequant, int_params
+from compressor.passes.quantize._smooth_math import awq_scales, output_error
 
 
 @dataclass
@@ -57,11 +57,14 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, symmetr
     out, inp = w.shape
     g = group if group > 0 else inp
     n_groups = inp // g
+    wg = w.reshape(out, n_groups, g)
+    hb = torch.stack([h[i:i + g, i:i + g] for i in range(0, inp, g)]).to(torch.float32)  # (G, g, g)
     best = torch.ones(out, n_groups, 1)
-    best_err = torch.full((out, n_groups), float("inf"), dtype=h.dtype)
+    best_err = torch.full((out, n_groups), float("inf"))
     for r in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
-        wq = fake_quantize_int(w, bits, group, symmetric, r)
-        e = group_output_error(w, wq, h, g)
+        s, z = int_params(wg, bits, symmetric, r)
+        d = (wg - int_dequant(int_codes(wg, s, z, bits), s, z)).transpose(0, 1)  # (G, out, g)
+        e = (torch.bmm(d, hb) * d).sum(-1).T  # (out, G): dw_g H_gg dw_g^T
         better = e < best_err
         best[better] = r
         best_err = torch.where(better, e, best_err)

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from compressor.passes.quantize._activations import ActivationConfig
 from compressor.targets import Format
 
-FORMATS = {"int8": Format.INT8, "int4": Format.INT4_WEIGHT_ONLY}
-BITS = {"int8": 8, "int4": 4}
+FORMATS = {"int8": Format.INT8, "int4": Format.INT4_WEIGHT_ONLY, "fp8": Format.FP8}
+BITS = {"int8": 8, "int4": 4, "fp8": "fp8"}
 
 
 class IntWeightConfig(BaseModel):
@@ -24,7 +24,7 @@ class IntWeightConfig(BaseModel):
     ragged: Literal["error", "skip"] = "error"
 
     @property
-    def bits(self) -> int:
+    def bits(self) -> int | str:
         return BITS[self.format]
 
 
@@ -35,4 +35,5 @@ def formats(cfg: IntWeightConfig) -> set:
 def output_bytes(cfg: IntWeightConfig, tensors: list) -> list:
     from compressor.passes.quantize._layers import estimate_tensors
 
-    return estimate_tensors(tensors, cfg.bits, cfg.group_size, cfg.symmetric, cfg.ignore)
+    bits = 8 if cfg.bits == "fp8" else cfg.bits
+    return estimate_tensors(tensors, bits, cfg.group_size, cfg.symmetric, cfg.ignore)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.passes.quantize._rtn_math import (Quantized, int_codes, int_dequant, int_params, mse_clip_ratio,
+from compressor.passes.quantize._rtn_math import (FP8_E4M3_MAX, Quantized, int_codes, int_dequant, int_params, mse_clip_ratio,
                                                   to_storage)
 
 
@@ -55,10 +55,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     return upper
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   max_retries: int = 5, observer: str = "minmax") -> GPTQResult:
     """w (out, in), h (in, in) -> quantized storage. group_size: > 0 per group, 0 per channel.
+    bits: 4 or 8 (integer grid), or "fp8" (E4M3 grid, per-channel scales).
     observer mse: each group's range is the MSE-optimal clipping of its weights at the time it is set."""
     out, cols = w.shape
     if group_size > 0 and cols % group_size:
@@ -75,13 +76,22 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
 
     # Group parameters: static (from the original weight) with act_order or per-channel; else computed on the
     # updated weight when GPTQ reaches each group, as in the paper.
-    static = act_order or group_size == 0
+    static = act_order or group_size <= 0 or bits == "fp8"
     n_groups = cols // g
     scales = torch.zeros(out, n_groups, 1, dtype=torch.float64)
     zeros = None if symmetric else torch.zeros(out, n_groups, 1, dtype=torch.float64)
+    fp8 = bits == "fp8"  # FP8 E4M3 grid with static scales (per channel, or per tensor with group_size -1)
+
     def params(wg):
+        if fp8:
+            return wg.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX, None
         ratio = mse_clip_ratio(wg, bits, symmetric) if observer == "mse" else 1.0
         return int_params(wg, bits, symmetric, ratio)
+
+    def quant(wcol, s, z):
+        if fp8:
+            return (wcol / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(wcol.dtype) * s
+        return int_dequant(int_codes(wcol, s, z, bits), s, z)
 
     if static:
         s, z = params(W.reshape(out, n_groups, g))
@@ -124,7 +134,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             s = scales[:, gi]
             z = zeros[:, gi] if zeros is not None else None
             wcol = W1[:, i:i + 1]
-            q = int_dequant(int_codes(wcol, s, z, bits), s, z)
+            q = quant(wcol, s, z)
             Q[:, i1 + i] = q[:, 0]
             dcol = U1[i, i]
             err = (wcol[:, 0] - q[:, 0]) / dcol
@@ -137,6 +147,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     Q = Q[:, inv]
     # Re-derive the integer codes from the dequantized values on their group's grid (exact: Q lies on it).
     Qg = Q.reshape(out, n_groups, g)
-    codes = int_codes(Qg, scales, zeros, bits)
-    stored = to_storage(codes, scales.to(torch.float32), None if zeros is None else zeros, bits, (out, cols))
+    if fp8:
+        vals = (Qg / scales).to(torch.float8_e4m3fn).reshape(out, cols)  # exact: Q lies on the scaled grid
+        stored = Quantized(vals, scales.squeeze(-1).to(torch.float32), None)
+    else:
+        codes = int_codes(Qg, scales, zeros, bits)
+        stored = to_storage(codes, scales.to(torch.float32), None if zeros is None else zeros, bits, (out, cols))
     return GPTQResult(stored, d, retries, loss)

@@ -57,12 +57,12 @@ def int_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, b
     if zero is None:
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if bits == 8 else -(2 ** (bits - 1))
-        return torch.clamp(torch.round(g / scale), qmin, qmax)
-    return torch.clamp(torch.round(g / scale) + zero, 0, 2**bits - 1)
+        return (g / scale).round_().clamp_(qmin, qmax)
+    return (g / scale).round_().add_(zero).clamp_(0, 2**bits - 1)
 
 
 def int_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    return (codes - zero) * scale if zero is not None else codes * scale
+    return (codes - zero).mul_(scale) if zero is not None else codes * scale
 
 
 def to_storage(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, shape) -> "Quantized":

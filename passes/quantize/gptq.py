@@ -1,4 +1,5 @@
-"""quantize_gptq: INT4/INT8 weight-only quantization with GPTQ (Hessian-based error compensation).
+"""quantize_gptq: INT4/INT8/FP8 weight quantization with GPTQ (Hessian-based error compensation), optionally
+with quantized activations (`activations:`, e.g. W8A8 after smoothquant, or FP8 W8A8).
 
 Layer-sequential: the inputs of decoder block i are captured once, each Linear's Hessian H = 2 X^T X is
 accumulated from them, the block's Linears are quantized, and the block's outputs computed with the quantized
@@ -9,7 +10,7 @@ retried (up to max_damp_retries); every retry is logged and listed in the report
 
 Example (SmolLM2: widths 576 and 1536, so group 64):
 
-    calibration: {source: "asset:python-docs", num_samples: 32, seq_len: 512}
+    calibration: {source: [asset:python-docs, asset:shakespeare], num_samples: 128, seq_len: 512}
     passes:
       - pass: quantize_gptq
         format: int4
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compressor.errors import PassError
 from compressor.passes.quantize._activations import calibrate_static
@@ -34,12 +35,20 @@ from compressor.registry import Artifact, PassResult, register_pass
 class GPTQConfig(IntWeightConfig):
     """GPTQ weight quantization (Frantar et al., 2022)."""
 
+    format: Literal["int4", "int8", "fp8"] = Field("int4", description="fp8: E4M3 grid, per-channel scales")
+
     dampening_frac: float = Field(0.01, ge=0, description="added to H's diagonal, as a fraction of its mean")
     act_order: bool = Field(False, description="visit columns by decreasing Hessian diagonal (static groups)")
     block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
     max_damp_retries: int = Field(5, ge=0, description="times dampening is raised 10x if H is not positive definite")
     observer: Literal["minmax", "mse"] = Field("minmax", description="group ranges from min/max, or MSE-optimal "
                                                "clipping of each group")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GPTQConfig":
+        if self.format == "fp8" and (self.group_size != 0 or not self.symmetric or self.observer != "minmax"):
+            raise ValueError("fp8 GPTQ takes per-channel scales: group_size 0, symmetric, observer minmax")
+        return self
 
 
 @register_pass("quantize_gptq", config=GPTQConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.TORCH_MODEL,

@@ -67,3 +67,23 @@ def test_dead_inputs_get_zero_weight(problem):
     r = gptq_quantize(w, h, 4, 32, True)
     deq = m.dequantize(r.quantized, "int4", 32, True)
     assert torch.all(deq[:, 7] == 0)
+
+
+def test_gptq_fp8_lowers_output_error_vs_rtn_fp8():
+    """GPTQ on the FP8 grid: lower output error than round-to-nearest FP8, values exactly on the grid."""
+    import torch
+
+    from compressor.passes.quantize import _rtn_math as rm
+    from compressor.passes.quantize._gptq_math import gptq_quantize
+    from compressor.passes.quantize._smooth_math import output_error
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    w = torch.randn(48, 64, generator=g) * 0.1
+    h = 2 * x.T.double() @ x.double() / x.shape[0]
+    r = gptq_quantize(w, h, "fp8", 0, True)
+    assert r.quantized.codes.dtype == torch.float8_e4m3fn and r.quantized.scale.shape == (48, 1)
+    deq = r.quantized.codes.float() * r.quantized.scale
+    rtn = rm.quantize_fp8(w, 0)
+    deq_rtn = rtn.codes.float() * rtn.scale
+    assert output_error(w.double(), deq.double(), h) < 0.7 * output_error(w.double(), deq_rtn.double(), h)
