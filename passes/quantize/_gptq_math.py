@@ -9,12 +9,26 @@ attached to their columns.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from compressor.passes.quantize._rtn_math import (FP8_E4M3_MAX, Quantized, int_codes, int_dequant, int_params, mse_clip_ratio,
                                                   to_storage)
+
+
+@contextmanager
+def one_thread():
+    """The column loop is thousands of small ops: with several intra-op threads, each op pays thread start-up
+    and, on a loaded machine, waits for busy cores (measured here: 9 s instead of 0.15 s for one 1536 x 576
+    layer with the other core busy). Big matmuls outside the loop keep every thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -53,6 +67,42 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     if info.item() != 0 or not torch.isfinite(upper).all():
         raise HessianNotPositiveDefinite(f"Cholesky of H^-1 failed (dampening {damp})")
     return upper
+
+
+def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant):
+    """GPTQ's lazy-batch column loop (in place on W): returns (dequantized Q in W's column order, loss)."""
+    out, cols = W.shape
+    n_groups = cols // g
+    Q = torch.zeros_like(W)
+    loss = 0.0
+    done = torch.zeros(n_groups, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            gi = col // g
+            if not static and not done[gi]:
+                # Columns of this group are contiguous and unpermuted here (no act_order): i .. i+g in W1.
+                s, z = params(W1[:, i:i + g].unsqueeze(1))
+                scales[:, gi] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, gi] = z[:, 0]
+                done[gi] = True
+            s = scales[:, gi]
+            z = zeros[:, gi] if zeros is not None else None
+            wcol = W1[:, i:i + 1]
+            q = quant(wcol, s, z)
+            Q[:, i1 + i] = q[:, 0]
+            dcol = U1[i, i]
+            err = (wcol[:, 0] - q[:, 0]) / dcol
+            loss += float((err**2).sum()) / 2
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Q, loss
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size: int, symmetric: bool,
@@ -113,35 +163,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size:
             retries += 1
             d = d * 10.0 if d > 0 else 0.01
 
-    Q = torch.zeros_like(W)
-    loss = 0.0
-    done = torch.zeros(n_groups, dtype=torch.bool)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            gi = col // g
-            if not static and not done[gi]:
-                # Columns of this group are contiguous and unpermuted here (no act_order): i .. i+g in W1.
-                s, z = params(W1[:, i:i + g].unsqueeze(1))
-                scales[:, gi] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, gi] = z[:, 0]
-                done[gi] = True
-            s = scales[:, gi]
-            z = zeros[:, gi] if zeros is not None else None
-            wcol = W1[:, i:i + 1]
-            q = quant(wcol, s, z)
-            Q[:, i1 + i] = q[:, 0]
-            dcol = U1[i, i]
-            err = (wcol[:, 0] - q[:, 0]) / dcol
-            loss += float((err**2).sum()) / 2
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    with one_thread():
+        Q, loss = _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant)
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]

@@ -89,15 +89,20 @@ def test_quickstart_checkpoint_reloads_identically(quickstart):
     assert logits.shape == (1, 6, 49152) and torch.isfinite(logits).all()
 
 
-def test_w4a16_recipe_on_h200_reports_loss_and_modeled_cost(tmp_path):
-    out = tmp_path / "w4"
+@pytest.fixture(scope="module")
+def rtn_w4(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w4") / "w4"
     res = _compress(REPO / "recipes/smollm2-w4a16-rtn.yaml", "--target", "h200", "--out", out, "--json",
-                    "--set", "eval.latency.enabled=false")
+                    "--set", "eval.latency.enabled=false", "--set", "export=[{pass: export_checkpoint}]")
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads((out / "report" / "report.json").read_text())
+    return out, json.loads((out / "report" / "report.json").read_text())
+
+
+def test_w4a16_recipe_on_h200_reports_loss_and_modeled_cost(rtn_w4):
+    out, report = rtn_w4
     b, r = report["baseline"]["metrics"], report["result"]["metrics"]
-    # INT4 g64 symmetric RTN loses real quality on SmolLM2 (measured: +48%; later issues beat it). The loss must
-    # be visible (the scheme really quantized) and must not be a collapse.
+    # INT4 g64 symmetric RTN loses real quality on SmolLM2 (measured: +48%; AWQ/GPTQ win most of it back). The
+    # loss must be visible (the scheme really quantized) and must not be a collapse.
     assert 1.2 < r["perplexity"] / b["perplexity"] < 1.8
     assert r["model_bytes"] < 0.35 * b["model_bytes"]
     modeled = r["modeled"]
@@ -106,18 +111,24 @@ def test_w4a16_recipe_on_h200_reports_loss_and_modeled_cost(tmp_path):
     assert "MODELED" in (out / "report" / "report.md").read_text()
 
 
-def test_gptq_recipe_beats_rtn_on_the_calibration_domain(tmp_path):
-    out = tmp_path / "gptq"
-    res = _compress(REPO / "recipes/smollm2-w4a16-gptq.yaml", "--target", "h200", "--out", out, "--json",
-                    "--set", "eval.latency.enabled=false", "--set", "export=[]")
+@pytest.mark.parametrize("recipe", ["smollm2-w4a16-awq", "smollm2-w4a16-gptq"])
+def test_calibrated_int4_removes_most_of_rtns_loss_on_both_sets(rtn_w4, recipe, tmp_path):
+    """The shipped AWQ/GPTQ recipes, calibrated on a smaller sample of the same mix (32 x 256 tokens, to keep CI
+    short), remove at least 30% of same-bits RTN's perplexity increase on each eval set."""
+    out = tmp_path / recipe
+    res = _compress(REPO / f"recipes/{recipe}.yaml", "--target", "h200", "--out", out, "--json",
+                    "--set", "eval.latency.enabled=false", "--set", "export=[]",
+                    "--set", "calibration.num_samples=32", "--set", "calibration.seq_len=256")
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report" / "report.json").read_text())
-    b, r = report["baseline"]["metrics"], report["result"]["metrics"]
-    # Measured here: RTN g64 sym 15.17 -> 22.42 (+48%); GPTQ g64 sym act-order 15.17 -> 18.03 (+19%).
-    assert 1.05 < r["perplexity"] / b["perplexity"] < 1.35
+    rtn = rtn_w4[1]["result"]["metrics"]["eval_sets"]
+    for name in ("python-docs", "shakespeare"):
+        base = report["baseline"]["metrics"]["eval_sets"][name]["perplexity"]
+        got = report["result"]["metrics"]["eval_sets"][name]["perplexity"]
+        removed = (rtn[name]["perplexity"] - got) / (rtn[name]["perplexity"] - base)
+        assert removed > 0.3, (recipe, name, base, rtn[name]["perplexity"], got)
     info = report["passes"][0]["info"]
-    assert info["layers_quantized"] == 210 and info["calibration_tokens"] == 32 * 512
-    assert info["dampening_retries"] == {}
+    assert info["layers_quantized"] == 210 and info["calibration_tokens"] == 32 * 256
 
 
 def test_gguf_file_loads_like_the_prepared_asset():
