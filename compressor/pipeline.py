@@ -49,7 +49,12 @@ def load_and_plan(recipe_path: str, target: str, overrides=(), model_override: s
 
 
 def _run_pass(p: PlannedPass, handle, ctx: RunContext, before: list[str]):
+    import psutil
+
+    from compressor.eval.measure import peak_rss_mb
+
     t0 = time.perf_counter()
+    rss_before = psutil.Process().memory_info().rss / 2**20
     log.info("pass %s: start", p.name)
     try:
         result = p.info.run(handle, p.config, ctx)
@@ -62,6 +67,10 @@ def _run_pass(p: PlannedPass, handle, ctx: RunContext, before: list[str]):
     except Exception as e:  # noqa: BLE001 - a bug in a pass: keep its traceback, add the context
         raise PassError(p.name, before, f"{type(e).__name__}: {e}") from e
     secs = time.perf_counter() - t0
+    # Working memory of the pass: how far the process peak rose above what it held when the pass started (0 when
+    # an earlier step had set a higher peak).
+    result.info.setdefault("memory_mb", {"rss_before": round(rss_before),
+                                         "peak_above_start": round(max(0.0, peak_rss_mb() - rss_before))})
     log.info("pass %s: done in %.1f s", p.name, secs)
     return result, secs
 
