@@ -137,7 +137,7 @@ def run_peers(repo: Path, py: str, out: Path, names: list[str]) -> list[dict]:
             raise SystemExit(f"llm-compressor {scheme} failed:\n{res.stderr[-3000:]}")
         info = json.loads((d / "result.json").read_text())
         row = {"scheme": name, "tool": f"llmcompressor {info.get('version', '')}", "compare_with": ours,
-               "wall_s": round(wall, 1), "pass_s": round(info.get("wall_s_oneshot", info.get("wall_s", 0)), 1),
+               "wall_s": round(wall, 1), "pass_s": round(info["wall_s"]["oneshot"], 1),
                "peak_rss_mb_compress": round(info["peak_rss_mb"]), "model_mb": None}
         for s, (bm, rm) in eval_peer(base, d / "model", recipe, act).items():
             row[f"ppl_base[{s}]"] = bm["perplexity"]
