@@ -87,7 +87,7 @@ def peer_tokens(repo: Path, path: Path):
     from compressor.model import load_model
     from compressor.recipe import load_recipe
 
-    recipe = load_recipe(repo / "recipes" / "smollm2-w4a16-gptq.yaml")
+    recipe, _ = load_recipe(repo / "recipes" / "smollm2-w4a16-gptq.yaml")
     c = recipe.calibration
     h = load_model(recipe.model)
     rows = calibration_windows(h.tokenizer, c.source, c.num_samples, c.seq_len, c.seed, c.text_field, c.split)
