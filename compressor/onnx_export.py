@@ -107,7 +107,7 @@ def _protected_initializers(wrapper) -> set[str]:
     return names
 
 
-def _optimize(ir_model, protected: set[str]) -> None:
+def _optimize(ir_model, protected: set[str], keep_transposed: set[str] = frozenset()) -> None:
     import onnx_ir as ir
     import onnxscript.optimizer
 
@@ -115,6 +115,8 @@ def _optimize(ir_model, protected: set[str]) -> None:
            ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2}
 
     def should_fold(node):
+        if node.op_type == "Transpose" and node.inputs[0] is not None and node.inputs[0].name in keep_transposed:
+            return False  # a placeholder weight that `lower_linears` replaces with our codes
         for v in node.inputs:
             if v is not None and v.is_initializer() and (v.name in protected or v.dtype in low):
                 return False  # keep the packed weight and its dequantization in the graph
@@ -142,11 +144,18 @@ def _name_dims(ir_model, n_layers: int) -> None:
         v.shape = ir.Shape(dims)
 
 
-def export_causal_lm(model, path: str | Path, opset: int = 18) -> Path:
-    """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`."""
+def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference") -> dict:
+    """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`.
+
+    flavour "reference" keeps each QuantLinear's own dequantization ops (exactly the torch numerics);
+    "tensorrt" and "ort" lower them as `compressor.onnx_lowering` describes. -> {form: count} of the
+    quantized layers lowered (empty for "reference")."""
+    import contextlib
     import logging
 
     import torch
+
+    from compressor.onnx_lowering import check_lowerable, float_placeholders, lower_linears
 
     # The exporter logs a warning per torchvision op it cannot register; torchvision is not a dependency.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -164,16 +173,23 @@ def export_causal_lm(model, path: str | Path, opset: int = 18) -> Path:
     # forward(input_ids, attention_mask, *past_flat): the varargs are one nested entry.
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple([kv] * (2 * n_layers)))
     ins, outs = io_names(n_layers)
-    with torch.no_grad(), warnings.catch_warnings():
+    if flavour != "reference":
+        from compressor.kernels.qlinear import QuantLinear
+
+        check_lowerable({n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}, flavour)
+    placeholders = float_placeholders(model) if flavour != "reference" else contextlib.nullcontext({})
+    with placeholders as layers, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=ins,
                                     output_names=outs, dynamic_shapes=dynamic_shapes, optimize=False,
                                     verbose=False, report=False)
-    _optimize(program.model, _protected_initializers(wrapper))
+    weights = {f"model.{n}.weight" for n in layers}
+    _optimize(program.model, _protected_initializers(wrapper), keep_transposed=weights)
+    counts = lower_linears(program.model, layers, flavour) if layers else {}
     _name_dims(program.model, n_layers)
     size = sum(t.const_value.nbytes for t in program.model.graph.initializers.values() if t.const_value is not None)
     program.save(str(path), external_data=size > 1.8e9)  # protobuf's hard limit is 2 GiB
-    return path
+    return counts
 
 
 def _rel_err(ref, got) -> float:
@@ -191,6 +207,9 @@ def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # ORT fuses DequantizeLinear -> MatMul into MatMulNBits, which by default computes in int8 (quantizing the
+    # activations on the fly, ~0.5% error); level 0 keeps float math, so the check sees our numerics alone.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ins, outs = io_names(model.config.num_hidden_layers)
     wrapper = _wrapper(model)

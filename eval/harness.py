@@ -29,7 +29,8 @@ def _baseline_onnx(base_handle, cache: Cache, opset: int, scratch: Path) -> Path
     if cache.enabled:
         return cache.put("onnx", key, lambda d: export_causal_lm(base_handle.model, d / "model.onnx", opset=opset)) \
             / "model.onnx"
-    return export_causal_lm(base_handle.model, scratch / "baseline.onnx", opset=opset)
+    export_causal_lm(base_handle.model, scratch / "baseline.onnx", opset=opset)
+    return scratch / "baseline.onnx"
 
 
 def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifacts: list[dict]):

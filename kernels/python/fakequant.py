@@ -2,7 +2,9 @@
 NVFP4 kernel computes with, written as plain torch ops so evaluation, checkpoints and ONNX agree.
 
 Activation formats:
-  int8  symmetric, codes in [-127, 127]: x_q = clamp(round(x / s), -127, 127) * s
+  int8  symmetric scale s = amax / 127, codes clamped to [-128, 127]: x_q = clamp(round(x / s), -128, 127) * s
+        (the saturation of ONNX QuantizeLinear, TensorRT and compressed-tensors, so a value below the
+        calibrated range rounds the same everywhere; dynamic per-token scales never reach -128)
   fp8   E4M3, x_q = fp8(x / s) * s with s = amax / 448
   nvfp4 groups of 16 along the last dim, FP4 E2M1 values with an FP8 E4M3 scale per group and one float32
         global scale (per tensor), as NVIDIA's NVFP4.
@@ -76,7 +78,7 @@ def fake_quant(x: torch.Tensor, fmt: str, scale: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize x with the given scale (a scalar or one per row), in x's dtype."""
     xf = x.to(torch.float32)
     if fmt == "int8":
-        q = torch.clamp(torch.round(xf / scale), -127.0, 127.0) * scale
+        q = torch.clamp(torch.round(xf / scale), -128.0, 127.0) * scale
     elif fmt == "fp8":
         q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale
     else:

@@ -72,8 +72,7 @@ def _max_logit_diff(h, folder, ids):
 # (quantize_rtn config, library format, weight key, its dtype, its shape for q_proj (64 x 64), scale shape,
 #  max logit difference after reloading with transformers).
 CASES = {
-    # W8A8 INT8 with static activation scales; the inputs are the calibration windows (activations inside the
-    # calibrated range; outside it the library clamps to -128 where we clamp to -127). Measured: 0.0.
+    # W8A8 INT8 with static activation scales; the inputs are the calibration windows. Measured: 0.0.
     "w8a8-int8-static": ({"format": "int8", "activations": {"format": "int8", "dynamic": False}},
                          "int-quantized", "weight", torch.int8, (64, 64), (64, 1), 1e-5),
     # INT4 weights in groups of 32 (the tiny model is 64 wide), packed eight codes to an int32. Measured: 0.0.
