@@ -92,7 +92,8 @@ torch::Tensor moeForward(torch::Tensor hidden, torch::Tensor routerLogits, torch
 
     torch::Tensor result = out.has_value() ? *out : torch::empty_like(hidden);
     checkCuda(result, "out");
-    TORCH_CHECK(result.sizes() == hidden.sizes() && result.scalar_type() == torch::kBFloat16, "out must be bf16 [T, H]");
+    TORCH_CHECK(result.sizes() == hidden.sizes() && result.scalar_type() == torch::kBFloat16,
+        "out must be bf16 [T, H]");
 
     c10::cuda::CUDAGuard const guard(hidden.device());
     size_t const wsBytes = compressor_moe_workspace_size(shape);
