@@ -178,7 +178,11 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
 
         check_lowerable({n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}, flavour)
     placeholders = float_placeholders(model) if flavour != "reference" else contextlib.nullcontext({})
-    with placeholders as layers, torch.no_grad(), warnings.catch_warnings():
+    # MoE experts in a form the exporter traces: dense (fixed shapes) for TensorRT, a sparse loop otherwise.
+    from compressor.moe_export import export_experts, pick_mode
+
+    experts = export_experts(model, pick_mode("tensorrt" if flavour == "tensorrt" else "ort"))
+    with placeholders as layers, experts, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=ins,
                                     output_names=outs, dynamic_shapes=dynamic_shapes, optimize=False,

@@ -21,6 +21,7 @@ from compressor.cache import Cache, key_of, sha256_tensor
 from compressor.context import RunContext
 from compressor.errors import CompressorError, GateFailed, InputError, PassError
 from compressor.plan import Plan, PlannedPass, build_plan
+from compressor.registry import Artifact
 from compressor.recipe import load_recipe
 from compressor.targets import get_target
 
@@ -111,11 +112,14 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
         provenance, artifacts = [], []
         stage_key = _run_transforms(plan, handle, ctx, cache, provenance)
         done = [p["name"] for p in provenance]
+        lowered: list = []
         for p in plan.lowerings:
-            res, secs, cached = _run_lowering(p, handle, ctx, cache, stage_key, done)
+            res, secs, cached = _run_lowering(p, handle, ctx, cache, stage_key, done, lowered)
+            lowered.append([p.name, p.config_dict()])
             provenance.append({"name": p.name, "section": p.section, "config": p.config_dict(),
                                "seconds": round(secs, 3), "cached": cached, "info": res.get("info", {})})
-            artifacts += [describe_artifact(tmp, a["path"], a["kind"]) for a in res["artifacts"]]
+            artifacts += [describe_artifact(tmp, a["path"], a["kind"]) | {k: v for k, v in a.items() if k not in ("path", "kind")}
+                          for a in res["artifacts"]]
             done.append(p.name)
         compress_seconds = time.perf_counter() - t_start
         from compressor.eval.measure import peak_rss_mb
@@ -183,9 +187,12 @@ def _run_transforms(plan: Plan, handle, ctx, cache: Cache, provenance: list) -> 
     return keys[-1] if keys else base
 
 
-def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_key: str, before: list[str]):
+def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_key: str, before: list[str],
+                  prior: list):
     """Run a lowering pass, or copy its output folder from the cache when the same stage was lowered before."""
-    key = key_of("lower", stage_key, p.name, p.config_dict())
+    # A pass over an earlier artifact (an engine build over the ONNX export) depends on how that was made too.
+    upstream = [] if p.info.consumes is Artifact.TORCH_MODEL else prior
+    key = key_of("lower", stage_key, p.name, p.config_dict(), upstream)
     hit = cache.get("lower", key)
     if hit is not None:
         meta = json.loads((hit / "result.json").read_text())
@@ -233,7 +240,8 @@ def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, 
         "variants": [{"name": recipe.name, "metrics": result, "artifacts": [a["path"] for a in artifacts]}],
         "gates": gate_results,
         "artifacts": artifacts,
-        "notes": notes,
+        # Passes say what they could not do (e.g. "engine not built: TensorRT not installed") in info["notes"].
+        "notes": [n for p in provenance for n in p.get("info", {}).get("notes", [])] + notes,
     }
     report_mod.write(report, ctx.workdir / "report")
     return report

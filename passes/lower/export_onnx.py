@@ -1,10 +1,17 @@
-"""export_onnx: the model as an ONNX graph with KV cache, `onnx/model.onnx`, checked in ONNX Runtime.
+"""export_onnx: the model as an ONNX graph with KV cache, `<folder>/model.onnx`, checked in ONNX Runtime.
 
 The graph takes input_ids [batch, seq], attention_mask [batch, total_seq] and past_key_values.{i}.key/value
 [batch, kv_heads, past_seq, head_dim] and returns logits [batch, seq, vocab] and present.{i}.key/value; batch,
-seq, past_seq and total_seq are named dynamic dimensions (torch dynamo exporter). Quantized layers stay
-quantized in the graph: their packed integer/FP8 initializers and scales are dequantized by ONNX ops, so the
-file is small and computes what the torch model computes.
+seq, past_seq and total_seq are named dynamic dimensions (torch dynamo exporter).
+
+Flavours (how quantized layers appear; every one carries our own codes and scales, nothing is re-quantized):
+  reference  each QuantLinear's dequantization as plain ops (Cast/Mul...): exactly the torch numerics, any format.
+  tensorrt   explicit quantization by TensorRT's rules: DequantizeLinear weights (INT8/FP8 per-channel, INT4/FP8
+             blocks, opset 21), Q/DQ on inputs with static activation scales, zero points 0; MoE experts in the
+             dense fixed-shape form. Checked after export by the TensorRT rules (compressor.tensorrt_rules).
+  ort        what ONNX Runtime runs fast on CPU: MatMulNBits for INT4, U8S8 QDQ for W8A8, QDQ for FP8.
+Schemes a flavour cannot carry (asymmetric weights for tensorrt, dynamic activation scales, NVFP4) are refused
+with the layer named.
 
 After export, the graph is run in ONNX Runtime on shapes other than the traced ones (a prefill with an empty
 cache and a decode step) and compared with torch; the relative error is recorded, and a mismatch fails the pass.
@@ -13,10 +20,15 @@ Example:
 
     export:
       - pass: export_onnx
-        opset: 18          # 21 for FP8 weights (Cast from float8 needs opset 19+)
+        flavour: tensorrt   # folder onnx-tensorrt
+        opset: 21           # INT4 blocks need 21; FP8 19+; INT8 18+
+      - pass: export_onnx
+        flavour: ort        # folder onnx-ort
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,10 +39,41 @@ from compressor.registry import Artifact, PassResult, register_pass
 class ExportOnnxConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    opset: int = Field(18, ge=18, le=21, description="ONNX opset (18 or 21 tested; FP8 weights need 19+)")
-    folder: str = Field("onnx", pattern=r"^[A-Za-z0-9][\w.-]*$")
+    flavour: Literal["reference", "tensorrt", "ort"] = Field(
+        "reference", description="reference (exact dequant ops), tensorrt (QDQ by TensorRT's rules), ort (fast CPU)")
+    opset: int = Field(18, ge=18, le=21, description="ONNX opset (18 or 21 tested; FP8 weights need 19+, INT4 QDQ 21)")
+    folder: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                               description="folder inside the output (default: onnx, or onnx-<flavour>)")
     verify: bool = Field(True, description="compare ONNX Runtime with torch on untraced shapes after export")
     max_rel_error: float = Field(1e-3, gt=0, description="largest accepted relative error of the verification")
+    tensorrt_version: str = Field("11.5", pattern=r"^\d+\.\d+(\.\d+)*$",
+                                  description="TensorRT release whose rules the tensorrt flavour is checked against")
+
+    @property
+    def out_folder(self) -> str:
+        return self.folder or ("onnx" if self.flavour == "reference" else f"onnx-{self.flavour}")
+
+
+def _quantized_schemes(model) -> dict[str, dict]:
+    from compressor.kernels.qlinear import QuantLinear
+
+    return {n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _check_scheme(name: str, schemes: dict[str, dict], cfg: ExportOnnxConfig) -> None:
+    from compressor.onnx_lowering import check_lowerable
+
+    formats = {s["format"] for s in schemes.values()}
+    if cfg.opset < 19 and "fp8" in formats:
+        raise PassError(name, [], f"FP8 weights need opset 19 or newer (Cast from float8); "
+                        f"set opset: 21 (now {cfg.opset})", exit_code=2)
+    if cfg.flavour == "tensorrt" and cfg.opset < 21 and "int4" in formats:
+        raise PassError(name, [], f"INT4 weights in the tensorrt flavour need opset 21 (block DequantizeLinear); "
+                        f"set opset: 21 (now {cfg.opset})", exit_code=2)
+    try:
+        check_lowerable(schemes, cfg.flavour)
+    except ValueError as e:
+        raise PassError(name, [], str(e), exit_code=2) from None
 
 
 # memory_factor: the dynamo export peaks at 9-13x the fp32 model's bytes (peak RSS measured for the 538 MB
@@ -38,18 +81,24 @@ class ExportOnnxConfig(BaseModel):
 @register_pass("export_onnx", config=ExportOnnxConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.ONNX,
                memory_factor=13.0, output_bytes=lambda cfg, tensors: tensors)
 def run(handle, cfg: ExportOnnxConfig, ctx) -> PassResult:
-    from compressor.kernels.qlinear import QuantLinear
     from compressor.onnx_export import export_causal_lm, verify_against_torch
 
-    if cfg.opset < 19 and any(isinstance(m, QuantLinear) and m.fmt == "fp8" for m in handle.model.modules()):
-        raise PassError("export_onnx", [], f"FP8 weights need opset 19 or newer (Cast from float8); "
-                        f"set opset: 21 (now {cfg.opset})", exit_code=2)
-    folder = ctx.workdir / cfg.folder
+    _check_scheme("export_onnx", _quantized_schemes(handle.model), cfg)
+    folder = ctx.workdir / cfg.out_folder
     folder.mkdir(parents=True, exist_ok=False)
     path = folder / "model.onnx"
-    ctx.logger.info("export_onnx: exporting (torch dynamo, opset %d)", cfg.opset)
-    export_causal_lm(handle.model, path, opset=cfg.opset)
-    info = {"opset": cfg.opset, "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+    ctx.logger.info("export_onnx: exporting the %s flavour (torch dynamo, opset %d)", cfg.flavour, cfg.opset)
+    forms = export_causal_lm(handle.model, path, opset=cfg.opset, flavour=cfg.flavour)
+    info = {"flavour": cfg.flavour, "opset": cfg.opset, "lowered": forms,
+            "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+    if cfg.flavour == "tensorrt":
+        from compressor import tensorrt_rules
+
+        findings = tensorrt_rules.check(path, cfg.tensorrt_version)
+        info["tensorrt_rules"] = {"version": cfg.tensorrt_version, "findings": [str(f) for f in findings]}
+        if findings:
+            raise PassError("export_onnx", [], f"the tensorrt flavour breaks TensorRT {cfg.tensorrt_version} rules "
+                            f"({len(findings)} findings), first: {findings[0]}")
     if cfg.verify:
         ctx.logger.info("export_onnx: verifying against torch in ONNX Runtime on untraced shapes")
         checks = verify_against_torch(handle.model, path)
@@ -59,4 +108,5 @@ def run(handle, cfg: ExportOnnxConfig, ctx) -> PassResult:
             raise PassError("export_onnx", [], f"ONNX Runtime output differs from torch: relative error {worst:.3g} "
                             f"> max_rel_error {cfg.max_rel_error} ({checks})")
         ctx.logger.info("export_onnx: ONNX Runtime matches torch, max relative error %.2e", worst)
-    return PassResult(artifacts=[{"kind": "onnx", "path": f"{cfg.folder}/model.onnx"}], info=info)
+    return PassResult(artifacts=[{"kind": "onnx", "path": f"{cfg.out_folder}/model.onnx", "flavour": cfg.flavour}],
+                      info=info)
