@@ -3,6 +3,7 @@
     compress RECIPE --target T [--out DIR] [--model PATH] [--set key=value ...] [--overwrite] [--json] [--quiet]
     compress plan RECIPE --target T
     compress passes | targets | assets
+    compress check-onnx FILE [--tensorrt-version V]
 
 Exit codes: 0 ok; 1 a gate failed (outputs kept, the report says which); 2 bad recipe, target, input or missing
 dependency (nothing written); 3 internal error (a bug: traceback printed).
@@ -136,6 +137,26 @@ def targets_cmd():
         bf = f"{t.peak_flops.get('bf16', 0) / 1e12:.0f}" if t.peak_flops.get("bf16") else "-"
         f8 = f"{t.peak_flops.get('fp8', 0) / 1e12:.0f}" if t.peak_flops.get("fp8") else "-"
         click.echo(f"{t.name:7} {mem:>8} {bw:>10} {bf:>9} {f8:>9} {cc:>5}  {', '.join(sorted(f.value for f in t.formats))}")
+
+
+@cli.command("check-onnx")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tensorrt-version", default=None, help="TensorRT release whose rules apply (default: the newest known)")
+def check_onnx_cmd(file, tensorrt_version):
+    """Lint an ONNX file against TensorRT's quantization rules and op allow-list; exit 1 listing offenders."""
+    from compressor import tensorrt_rules as rules
+    from compressor.errors import InputError, RulesViolated
+
+    version = tensorrt_version or rules.DEFAULT_VERSION
+    try:
+        findings = rules.check(file, version)
+    except rules.CheckError as e:
+        raise InputError(str(e)) from None
+    for f in findings:
+        click.echo(str(f))
+    if findings:
+        raise RulesViolated(f"{file}: {len(findings)} finding(s) against TensorRT {version} rules")
+    click.echo(f"{file}: fits TensorRT {version} rules")
 
 
 @cli.command("assets")

@@ -62,3 +62,9 @@ class GateFailed(CompressorError):
     """One or more quality/cost gates failed. Artifacts are kept; the report says which gate and by how much."""
 
     exit_code = 1
+
+
+class RulesViolated(CompressorError):
+    """An artifact breaks a deployment target's rules (e.g. an ONNX graph TensorRT cannot import as quantized)."""
+
+    exit_code = 1

@@ -49,7 +49,9 @@ class Plan:
 
     @property
     def lowerings(self) -> list[PlannedPass]:
-        return [p for p in self.passes if p.info.lowers]
+        """Passes that write artifacts: exports from the torch model, then passes over those artifacts
+        (rule checks, engine builds), in recipe order."""
+        return [p for p in self.passes if p.info.produces is not registry.Artifact.TORCH_MODEL]
 
 
 def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
