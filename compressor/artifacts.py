@@ -54,7 +54,8 @@ def atomic_output(out: Path, overwrite: bool):
 
 
 def _normalise_modes(root: Path) -> None:
-    """Temp folders and some writers (safetensors) create private files; outputs get the user's usual modes."""
+    """Temp folders and some writers (safetensors) create private files; outputs get the user's usual modes
+    (executables, such as build_engine's build.sh, stay executable)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(root, 0o777 & ~mask)
@@ -62,7 +63,8 @@ def _normalise_modes(root: Path) -> None:
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+            p = os.path.join(dirpath, f)
+            os.chmod(p, (0o777 if os.stat(p).st_mode & 0o100 else 0o666) & ~mask)
 
 
 def describe_artifact(root: Path, rel: str, kind: str) -> dict:

@@ -87,6 +87,8 @@ def load(path: str | Path):
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for a corrupt file
         raise CheckError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not model.HasField("graph"):  # an empty file (or other stray bytes) parses as an empty ModelProto
+        raise CheckError(f"{path}: not a readable ONNX model (no graph)")
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     for t in model.graph.initializer:
