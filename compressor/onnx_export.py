@@ -144,12 +144,14 @@ def _name_dims(ir_model, n_layers: int) -> None:
         v.shape = ir.Shape(dims)
 
 
-def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference") -> dict:
+def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference",
+                     moe_plugin: bool = False) -> dict:
     """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`.
 
     flavour "reference" keeps each QuantLinear's own dequantization ops (exactly the torch numerics);
-    "tensorrt" and "ort" lower them as `compressor.onnx_lowering` describes. -> {form: count} of the
-    quantized layers lowered (empty for "reference")."""
+    "tensorrt" and "ort" lower them as `compressor.onnx_lowering` describes. With `moe_plugin` (tensorrt
+    flavour), Mixtral-style MoE blocks become one TensorRT `MoE` plugin node each (compressor.moe_plugin_export).
+    -> {form: count} of the layers lowered (empty for "reference")."""
     import contextlib
     import logging
 
@@ -177,19 +179,30 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
         from compressor.kernels.qlinear import QuantLinear
 
         check_lowerable({n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}, flavour)
-    placeholders = float_placeholders(model) if flavour != "reference" else contextlib.nullcontext({})
-    # MoE experts in a form the exporter traces: dense (fixed shapes) for TensorRT, a sparse loop otherwise.
+    # MoE experts in a form the exporter traces: dense (fixed shapes) for TensorRT, a sparse loop otherwise;
+    # or, with moe_plugin, the TensorRT plugin node for each whole routed-experts block.
     from compressor.moe_export import export_experts, pick_mode
+    from compressor.moe_plugin_export import plugin_blocks, translation_table
 
+    use_plugin = moe_plugin and flavour == "tensorrt"
     experts = export_experts(model, pick_mode("tensorrt" if flavour == "tensorrt" else "ort"))
-    with placeholders as layers, experts, torch.no_grad(), warnings.catch_warnings():
+    with contextlib.ExitStack() as stack:
+        blocks = stack.enter_context(plugin_blocks(model)) if use_plugin else []
+        layers = stack.enter_context(float_placeholders(model, skip=tuple(blocks)) if flavour != "reference"
+                                     else contextlib.nullcontext({}))
+        stack.enter_context(experts)
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=ins,
                                     output_names=outs, dynamic_shapes=dynamic_shapes, optimize=False,
-                                    verbose=False, report=False)
+                                    verbose=False, report=False,
+                                    custom_translation_table=translation_table() if blocks else None)
     weights = {f"model.{n}.weight" for n in layers}
     _optimize(program.model, _protected_initializers(wrapper), keep_transposed=weights)
     counts = lower_linears(program.model, layers, flavour) if layers else {}
+    if blocks:
+        counts["moe_plugin"] = len(blocks)
     _name_dims(program.model, n_layers)
     size = sum(t.const_value.nbytes for t in program.model.graph.initializers.values() if t.const_value is not None)
     program.save(str(path), external_data=size > 1.8e9)  # protobuf's hard limit is 2 GiB
@@ -203,19 +216,55 @@ def _rel_err(ref, got) -> float:
     return float(np.abs(ref - np.asarray(got, dtype=np.float64)).max() / max(np.abs(ref).max(), 1e-12))
 
 
-def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3))) -> list[dict]:
+def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3)),
+                         bypass_activations: bool = False) -> list[dict]:
     """Run the graph in ONNX Runtime on untraced (batch, seq, past) shapes and compare with torch.
-    -> [{batch, seq, past, max_rel_error}] (relative to the largest magnitude of each output)."""
+    -> [{batch, seq, past, max_rel_error}] (relative to the largest magnitude of each output).
+
+    bypass_activations: compare the graph without its activation Q/DQ pairs against the model with activation
+    quantization off (see compressor.onnx_lowering on why static activation scales make an end-to-end
+    comparison chaotic); the pairs themselves are checked by `onnx_lowering.check_activation_qdq`."""
+    import contextlib
+
+    import onnx
     import onnxruntime as ort
     import torch
+
+    from compressor.onnx_lowering import activations_off, bypass_activation_qdq
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # ORT fuses DequantizeLinear -> MatMul into MatMulNBits, which by default computes in int8 (quantizing the
     # activations on the fly, ~0.5% error); level 0 keeps float math, so the check sees our numerics alone.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    source = str(path)
+    if bypass_activations:
+        proto = onnx.load(str(path))
+        bypass_activation_qdq(proto)
+        source = proto.SerializeToString()
+    sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     ins, outs = io_names(model.config.num_hidden_layers)
+    wrapper = _wrapper(model)
+    dtype = next(model.parameters()).dtype
+    results = []
+    for b, s, p in cases:
+        args = example_inputs(model.config, b, s, p, dtype, seed=b * 100 + s * 10 + p)
+        with torch.no_grad(), (activations_off(model) if bypass_activations else contextlib.nullcontext()):
+            ref = wrapper(*args)
+        got = sess.run(outs, {n: a.float().numpy() if a.is_floating_point() else a.numpy() for n, a in zip(ins, args)})
+        err = max(_rel_err(r.float().numpy(), g) for r, g in zip(ref, got))
+        results.append({"batch": b, "seq": s, "past": p, "max_rel_error": err})
+    return results
+
+
+def verify_plugin_reference(model, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3))) -> list[dict]:
+    """For graphs with TensorRT plugin nodes, which ONNX Runtime cannot run: the model with its MoE blocks
+    computed by the plugin's torch reference (BF16 in and out, as the plugin) against the model itself.
+    -> [{batch, seq, past, max_rel_error}]."""
+    import torch
+
+    from compressor.moe_plugin_export import plugin_blocks
+
     wrapper = _wrapper(model)
     dtype = next(model.parameters()).dtype
     results = []
@@ -223,7 +272,8 @@ def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (
         args = example_inputs(model.config, b, s, p, dtype, seed=b * 100 + s * 10 + p)
         with torch.no_grad():
             ref = wrapper(*args)
-        got = sess.run(outs, {n: a.float().numpy() if a.is_floating_point() else a.numpy() for n, a in zip(ins, args)})
-        err = max(_rel_err(r.float().numpy(), g) for r, g in zip(ref, got))
+            with plugin_blocks(model):
+                got = wrapper(*args)
+        err = max(_rel_err(r.float().numpy(), g.float().numpy()) for r, g in zip(ref, got))
         results.append({"batch": b, "seq": s, "past": p, "max_rel_error": err})
     return results

@@ -168,3 +168,24 @@ def run_report(recipe: Path, out: Path, capsys, target: str = "cpu") -> dict:
     rc, _, err = run_cli([recipe, "--target", target, "--out", out, "--quiet"], capsys)
     assert rc == 0, err
     return json.loads((out / "report" / "report.json").read_text())
+
+
+def build_tiny_mixtral(folder: Path, experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
+    """A tiny random Mixtral (hidden 32, 2 layers) with the trained tokenizer, saved as safetensors."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(folder)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                        num_experts_per_tok=top_k, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

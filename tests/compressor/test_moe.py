@@ -10,27 +10,12 @@ from compressor.kernels.qlinear import QuantLinear
 from compressor.moe import siblings, unfuse_experts
 from compressor.model import load_model
 from compressor.recipe import ModelSpec
-from conftest import _train_tokenizer, run_report
+from conftest import build_tiny_mixtral, run_report
 
 
 @pytest.fixture(scope="module")
 def tiny_moe_dir(tmp_path_factory):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-moe"
-    folder.mkdir(exist_ok=True)
-    tok = _train_tokenizer(folder)
-    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=1,
-                        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return build_tiny_mixtral(tmp_path_factory.mktemp("models") / "tiny-moe", experts=8, top_k=1)
 
 
 def test_unfused_experts_compute_the_same(tiny_moe_dir):
