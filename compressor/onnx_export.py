@@ -145,7 +145,7 @@ def _name_dims(ir_model, n_layers: int) -> None:
 
 
 def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference",
-                     moe_plugin: bool = False) -> dict:
+                     moe_plugin: bool = False, nbits_accuracy: int = 0) -> dict:
     """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`.
 
     flavour "reference" keeps each QuantLinear's own dequantization ops (exactly the torch numerics);
@@ -200,7 +200,7 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
                                     custom_translation_table=translation_table() if blocks else None)
     weights = {f"model.{n}.weight" for n in layers}
     _optimize(program.model, _protected_initializers(wrapper), keep_transposed=weights)
-    counts = lower_linears(program.model, layers, flavour) if layers else {}
+    counts = lower_linears(program.model, layers, flavour, nbits_accuracy=nbits_accuracy) if layers else {}
     if blocks:
         counts["moe_plugin"] = len(blocks)
     _name_dims(program.model, n_layers)
@@ -217,20 +217,21 @@ def _rel_err(ref, got) -> float:
 
 
 def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3)),
-                         bypass_activations: bool = False) -> list[dict]:
+                         bypass_activations: bool = False, exact_nbits: bool = False) -> list[dict]:
     """Run the graph in ONNX Runtime on untraced (batch, seq, past) shapes and compare with torch.
     -> [{batch, seq, past, max_rel_error}] (relative to the largest magnitude of each output).
 
     bypass_activations: compare the graph without its activation Q/DQ pairs against the model with activation
     quantization off (see compressor.onnx_lowering on why static activation scales make an end-to-end
-    comparison chaotic); the pairs themselves are checked by `onnx_lowering.check_activation_qdq`."""
+    comparison chaotic); the pairs themselves are checked by `onnx_lowering.check_activation_qdq`.
+    exact_nbits: run MatMulNBits nodes with float math (accuracy_level 0) whatever the file says."""
     import contextlib
 
     import onnx
     import onnxruntime as ort
     import torch
 
-    from compressor.onnx_lowering import activations_off, bypass_activation_qdq
+    from compressor.onnx_lowering import activations_off, bypass_activation_qdq, set_nbits_accuracy
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -238,9 +239,12 @@ def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (
     # activations on the fly, ~0.5% error); level 0 keeps float math, so the check sees our numerics alone.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     source = str(path)
-    if bypass_activations:
+    if bypass_activations or exact_nbits:
         proto = onnx.load(str(path))
-        bypass_activation_qdq(proto)
+        if bypass_activations:
+            bypass_activation_qdq(proto)
+        if exact_nbits:
+            set_nbits_accuracy(proto, 0)
         source = proto.SerializeToString()
     sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     ins, outs = io_names(model.config.num_hidden_layers)

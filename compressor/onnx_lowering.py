@@ -227,36 +227,66 @@ def _activation_qdq(b: _Builder, q, x, flavour: str):
     return b.node("DequantizeLinear", [xq, scale, zp], name="input_dq")
 
 
-def _matmul_nbits(b: _Builder, q, x):
-    """com.microsoft MatMulNBits from our packed INT4 bytes: B [N, blocks, block/2], scales [N * blocks]."""
+def _nbits_block(q) -> int | None:
+    """MatMulNBits' block along K for this layer (a power of two >= 16), or None when it has no such form.
+    Per-channel scales use the largest power-of-two block dividing K and repeat the row's scale per block."""
+    if q.fmt not in ("int4", "int8") or q.activations is not None or q.weight_scale.shape[0] != q.out_features:
+        return None
+    groups = q.weight_scale.shape[1]
+    if groups > 1:
+        block = q.in_features // groups
+        return block if block >= 16 and block & (block - 1) == 0 else None
+    return next((b for b in (128, 64, 32, 16) if q.in_features % b == 0), None)
+
+
+def _matmul_nbits(b: _Builder, q, x, block: int, accuracy_level: int):
+    """com.microsoft MatMulNBits from our codes: B uint8 [N, blocks, block * bits / 8] (INT4 two per byte, low
+    nibble first, as we store it), scales [N * blocks], zero points (asymmetric only; the default is 8 for 4
+    bits and 128 for 8 bits, which is where our symmetric codes sit: int4 stored +8, int8 shifted +128)."""
     import numpy as np
 
     from compressor.kernels.qlinear import pack_int4
 
     out, inp = q.out_features, q.in_features
-    groups = q.weight_scale.shape[1]
-    block = inp // groups
-    packed = q.weight_packed.numpy().reshape(out, groups, block // 2)
-    ins = [x, b.const("weight_packed", packed), b.const("weight_scale", _np(q.weight_scale).astype(np.float32).reshape(-1))]
+    blocks = inp // block
+    reps = blocks // q.weight_scale.shape[1]  # > 1 for per-channel scales
+    scale = np.repeat(_np(q.weight_scale).astype(np.float32), reps, axis=1)  # [N, blocks]
+    if q.fmt == "int4":
+        bits, packed = 4, q.weight_packed.numpy().reshape(out, blocks, block // 2)
+    else:
+        bits = 8
+        codes = q.weight_packed.numpy()
+        packed = (codes.astype(np.int16) + 128).astype(np.uint8) if q.symmetric else codes
+        packed = packed.reshape(out, blocks, block)
+    ins = [x, b.const("weight_packed", np.ascontiguousarray(packed)), b.const("weight_scale", scale.reshape(-1))]
     if q.weight_zero_point is not None:
-        zp = q.weight_zero_point
-        if groups % 2:
-            import torch
+        import torch
 
-            zp = torch.cat([zp, torch.zeros(out, 1, dtype=zp.dtype)], dim=1)
-        ins.append(b.const("weight_zero_point", pack_int4(zp).numpy().reshape(-1)))
-    attrs = {"K": inp, "N": out, "bits": 4, "block_size": block, "accuracy_level": 0}
+        zp = torch.from_numpy(np.repeat(q.weight_zero_point.numpy(), reps, axis=1))  # [N, blocks]
+        if bits == 4:
+            if blocks % 2:
+                zp = torch.cat([zp, torch.zeros(out, 1, dtype=zp.dtype)], dim=1)
+            zp = pack_int4(zp)
+        ins.append(b.const("weight_zero_point", zp.numpy().reshape(-1)))
+    attrs = {"K": inp, "N": out, "bits": bits, "block_size": block, "accuracy_level": accuracy_level}
     return b.node("MatMulNBits", ins, attrs, domain="com.microsoft", name="matmul_nbits")
 
 
-def _nbits_ok(q) -> bool:
-    groups = q.weight_scale.shape[1]
-    block = q.in_features // groups
-    return q.fmt == "int4" and block >= 16 and block & (block - 1) == 0 and q.in_features % block == 0
+def set_nbits_accuracy(model_proto, level: int) -> int:
+    """Set every MatMulNBits node's accuracy_level in place (0: float math, 4: int8 math). -> nodes changed."""
+    n = 0
+    for node in model_proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+                    n += 1
+    return n
 
 
-def lower_linears(ir_model, layers: dict, flavour: str, prefix: str = "model.") -> dict:
+def lower_linears(ir_model, layers: dict, flavour: str, prefix: str = "model.", nbits_accuracy: int = 0) -> dict:
     """Rewrite the placeholder MatMuls of `layers` ({name: QuantLinear}) into `flavour`'s form.
+    nbits_accuracy: MatMulNBits' accuracy_level in the ort flavour (0 float math, exact; 4 int8 math, faster).
     -> counts of each form used, e.g. {"weight_dq": 150, "activation_qdq": 150}."""
     import onnx_ir.passes.common as common
 
@@ -267,8 +297,9 @@ def lower_linears(ir_model, layers: dict, flavour: str, prefix: str = "model.") 
         tr, mm = _matmul_of(graph, f"{prefix}{name}.weight")
         b = _Builder(graph, mm, name)
         x = mm.inputs[0]
-        if flavour == "ort" and _nbits_ok(q):
-            y = _matmul_nbits(b, q, x)
+        block = _nbits_block(q) if flavour == "ort" else None
+        if block:
+            y = _matmul_nbits(b, q, x, block, nbits_accuracy)
             mm.outputs[0].replace_all_uses_with(y, replace_graph_outputs=True)
             graph.remove([mm], safe=True)
             counts["matmul_nbits"] = counts.get("matmul_nbits", 0) + 1

@@ -48,6 +48,9 @@ class ExportOnnxConfig(BaseModel):
     max_rel_error: float = Field(1e-3, gt=0, description="largest accepted relative error of the verification")
     tensorrt_version: str = Field("11.5", pattern=r"^\d+\.\d+(\.\d+)*$",
                                   description="TensorRT release whose rules the tensorrt flavour is checked against")
+    matmul_nbits_accuracy: Literal[0, 4] = Field(
+        0, description="ort flavour: MatMulNBits math, 0 float (exact) or 4 int8 (activations quantized per block "
+                       "on the fly; faster)")
     moe_plugin: bool = Field(True, description="tensorrt flavour: MoE blocks as the compressor MoE plugin node "
                                                "(false: dense standard ops)")
     max_plugin_rel_error: float = Field(5e-2, gt=0, description="largest accepted relative error of the plugin's "
@@ -110,7 +113,8 @@ def run(handle, cfg: ExportOnnxConfig, ctx) -> PassResult:
     path = folder / "model.onnx"
     ctx.logger.info("export_onnx: exporting the %s flavour (torch dynamo, opset %d)", cfg.flavour, cfg.opset)
     try:
-        forms = export_causal_lm(handle.model, path, opset=cfg.opset, flavour=cfg.flavour, moe_plugin=cfg.moe_plugin)
+        forms = export_causal_lm(handle.model, path, opset=cfg.opset, flavour=cfg.flavour, moe_plugin=cfg.moe_plugin,
+                                 nbits_accuracy=cfg.matmul_nbits_accuracy)
     except ValueError as e:  # a scheme the MoE plugin cannot carry, named by the plugin export
         raise PassError("export_onnx", [], str(e), exit_code=2) from None
     info = {"flavour": cfg.flavour, "opset": cfg.opset, "lowered": forms,
@@ -144,7 +148,10 @@ def run(handle, cfg: ExportOnnxConfig, ctx) -> PassResult:
             info["activation_qdq_checked"] = len(static)
             # End to end (not gated): rounding-boundary flips make it chaotic; see compressor.onnx_lowering.
             info["verification_with_activation_qdq"] = verify_against_torch(handle.model, path, cases=((1, 5, 0),))
-        checks = verify_against_torch(handle.model, path, bypass_activations=bool(static))
+        nbits4 = cfg.flavour == "ort" and cfg.matmul_nbits_accuracy != 0 and forms.get("matmul_nbits")
+        if nbits4:  # int8 math inside MatMulNBits: recorded end to end, verified exactly with float math
+            info["verification_with_int8_matmul_nbits"] = verify_against_torch(handle.model, path)
+        checks = verify_against_torch(handle.model, path, bypass_activations=bool(static), exact_nbits=bool(nbits4))
         info["verification"] = checks
         worst = max(c["max_rel_error"] for c in checks)
         if worst > cfg.max_rel_error:

@@ -49,6 +49,11 @@ CASES = {
     "int4-tensorrt": (INT4_G32, "tensorrt", {"weight_dq": 14}),
     "int4-ort": (INT4_G32, "ort", {"matmul_nbits": 14}),
     "int4-asym-ort": (INT4_G32_ASYM, "ort", {"matmul_nbits": 14}),
+    # Per-channel scales repeat per block of 64 (the whole 64-wide row here); int8 codes shifted +128.
+    "int4-per-channel-ort": ({"format": "int4", "granularity": "per_channel"}, "ort", {"matmul_nbits": 14}),
+    "int8-weight-only-ort": ({"format": "int8"}, "ort", {"matmul_nbits": 14}),
+    "int8-asym-g32-ort": ({"format": "int8", "granularity": "per_group", "group_size": 32, "symmetric": False},
+                          "ort", {"matmul_nbits": 14}),
     "fp8-w8a8-tensorrt": (FP8_STATIC, "tensorrt", {"weight_dq": 14, "activation_qdq": 14}),
     "fp8-block-tensorrt": (FP8_BLOCK, "tensorrt", {"weight_dq": 14}),
 }
@@ -78,10 +83,15 @@ def test_flavour_matches_quantized_torch(tiny_model_dir, tmp_path, case):
     if "matmul_nbits" in forms:
         node = next(n for n in _nodes(m, "MatMulNBits") if n.name.startswith(name))
         attrs = {a.name: a.i for a in node.attribute}
-        assert attrs == {"K": 64, "N": 64, "bits": 4, "block_size": 32, "accuracy_level": 0}
+        bits = 4 if cfg["format"] == "int4" else 8
+        block = cfg.get("group_size", 64)
+        assert attrs == {"K": 64, "N": 64, "bits": bits, "block_size": block, "accuracy_level": 0}
         b = numpy_helper.to_array(inits[node.input[1]])
-        assert b.shape == (64, 2, 16) and b.dtype == np.uint8
-        assert np.array_equal(b.reshape(64, 32), q_proj.weight_packed.numpy())  # our bytes, unchanged
+        assert b.shape == (64, 64 // block, block * bits // 8) and b.dtype == np.uint8
+        ours = q_proj.weight_packed.numpy()
+        if bits == 8 and cfg.get("symmetric", True):
+            ours = (ours.astype(np.int16) + 128).astype(np.uint8)  # MatMulNBits' default 8-bit zero point
+        assert np.array_equal(b.reshape(64, -1), ours)  # our bytes
         assert (len(node.input) == 4) == (not cfg.get("symmetric", True))
         return
     dq = next(n for n in _nodes(m, "DequantizeLinear") if n.name == f"{name}/weight_dq")
