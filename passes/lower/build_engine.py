@@ -138,7 +138,7 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
     if plugin_ops and kernels is not None:
         dst = folder / "plugins"
         shutil.copytree(kernels, dst, ignore=shutil.ignore_patterns("python", "build", "__pycache__"))
-    plugin_lib = cfg.plugin_library or ("plugins/build/libcompressor_plugins.so" if build_plugins else None)
+    plugin_lib = cfg.plugin_library or ("plugins/build/libcompressor_moe_plugin.so" if build_plugins else None)
     cmd = trt_build.trtexec_command("model.onnx", "model.plan", profiles, inputs, plugin_lib, "timing.cache",
                                     cfg.optimization_level)
     (folder / "build.sh").write_text(_build_script(cmd, build_plugins))
@@ -148,13 +148,16 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
             "profiles": [{"name": p.name, "ranges": p.ranges, "shapes": s} for p, s in zip(profiles, shapes)],
             "trtexec": cmd}
     (folder / "build.json").write_text(json.dumps(spec, indent=2) + "\n")
-    info = {"profiles": [p.name for p in profiles], "plugin_ops": plugin_ops}
+    info = {"profiles": [p.name for p in profiles], "plugin_ops": plugin_ops, "notes": []}
+    if plugin_ops and kernels is None:
+        info["notes"].append("plugin sources not found next to the installed package (a non-editable install); "
+                             "copy kernels/ from the compressor repository into engine/plugins before build.sh")
     version = trt_build.tensorrt_available()
     if version is None:
         note = (f"engine not built: TensorRT not installed; {cfg.folder}/build.sh builds it with trtexec "
                 f"({len(profiles)} profiles{', plugins ' + ', '.join(plugin_ops) if plugin_ops else ''})")
         ctx.logger.warning("build_engine: %s", note)
-        info.update(built=False, notes=[note])
+        info.update(built=False, notes=info["notes"] + [note])
         return PassResult(artifacts=[{"kind": "engine", "path": f"{cfg.folder}/build.sh", "built": False}], info=info)
     if build_plugins:
         raise PassError("build_engine", [], f"the graph has plugin nodes ({', '.join(plugin_ops)}): build the plugin "
