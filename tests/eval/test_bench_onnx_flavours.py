@@ -24,11 +24,14 @@ def test_bench_on_tiny_model(tiny_model_dir, text_dir, tmp_path):
                        prompt_len=16, warmup=1, nbits_blocks=(32,), log=bench.Log(quiet=True))
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == EXPECTED
-    for name in ("fp32", "w8a8-int8", "w4a16-int4"):
+    for name in ("fp32", "w4a16-int4"):
         # Measured ~1e-7: the graphs run exactly our codes and scales.
         assert rows[name]["ppl_onnx"] == pytest.approx(rows[name]["ppl_torch"], rel=1e-3), name
         assert rows[name]["onnx_vs_torch_rel"] < 1e-3
-    assert "onnx_vs_torch_rel" not in rows["w4a16-int4-acc4"]  # int8 compute: not expected to be exact
+    # int8 math inside MatMulNBits (the INT8 lm_head; w4a16's -acc4 copy): close, not expected to be exact.
+    for name in ("w8a8-int8", "w4a16-int4-acc4"):
+        assert "onnx_vs_torch_rel" not in rows[name]
+        assert rows[name]["ppl_onnx"] == pytest.approx(rows[name]["ppl_torch"], rel=2e-2), name
     assert rows["fp32"]["speedup_decode"] == 1.0 and rows["fp32"]["ppl_increase_pct"] == 0.0
     for r in rows.values():
         assert r["decode_ms"]["n"] == 3 and r["prefill_ms"]["n"] == 2

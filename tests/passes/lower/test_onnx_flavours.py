@@ -51,9 +51,11 @@ CASES = {
     "int4-asym-ort": (INT4_G32_ASYM, "ort", {"matmul_nbits": 14}),
     # Per-channel scales repeat per block of 64 (the whole 64-wide row here); int8 codes shifted +128.
     "int4-per-channel-ort": ({"format": "int4", "granularity": "per_channel"}, "ort", {"matmul_nbits": 14}),
-    "int8-weight-only-ort": ({"format": "int8"}, "ort", {"matmul_nbits": 14}),
-    "int8-asym-g32-ort": ({"format": "int8", "granularity": "per_group", "group_size": 32, "symmetric": False},
-                          "ort", {"matmul_nbits": 14}),
+    # 8-bit MatMulNBits only with int8 math (accuracy_level 4); with float math int8 weights stay DequantizeLinear.
+    "int8-weight-only-ort": ({"format": "int8"}, "ort", {"weight_dq": 14}),
+    "int8-weight-only-ort-acc4": ({"format": "int8"}, "ort-acc4", {"matmul_nbits": 14}),
+    "int8-asym-g32-ort-acc4": ({"format": "int8", "granularity": "per_group", "group_size": 32, "symmetric": False},
+                               "ort-acc4", {"matmul_nbits": 14}),
     "fp8-w8a8-tensorrt": (FP8_STATIC, "tensorrt", {"weight_dq": 14, "activation_qdq": 14}),
     "fp8-block-tensorrt": (FP8_BLOCK, "tensorrt", {"weight_dq": 14}),
 }
@@ -64,8 +66,10 @@ def test_flavour_matches_quantized_torch(tiny_model_dir, tmp_path, case):
     cfg, flavour, forms = CASES[case]
     h = _quantized(tiny_model_dir, tmp_path, cfg)
     path = tmp_path / "model.onnx"
-    assert export_causal_lm(h.model, path, opset=21, flavour=flavour) == forms
-    checks = verify_against_torch(h.model, path, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3), (1, 1, 0)))
+    flavour, acc = flavour.removesuffix("-acc4"), 4 if flavour.endswith("-acc4") else 0
+    assert export_causal_lm(h.model, path, opset=21, flavour=flavour, nbits_accuracy=acc) == forms
+    checks = verify_against_torch(h.model, path, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3), (1, 1, 0)),
+                                  exact_nbits=True)
     # Measured 1e-7 to 3e-7 (float rounding only): the graph computes from exactly our codes and scales.
     assert max(c["max_rel_error"] for c in checks) < 1e-5, checks
     m = onnx.load(str(path))
@@ -76,8 +80,8 @@ def test_flavour_matches_quantized_torch(tiny_model_dir, tmp_path, case):
     findings = tensorrt_rules.check_model(m)
     if flavour == "tensorrt":
         assert findings == [], [str(f) for f in findings]
-    else:
-        assert findings  # the ort forms (uint8 zero points, com.microsoft ops) are not TensorRT's
+    elif "matmul_nbits" in forms or (cfg.get("activations") and cfg["format"] == "int8"):
+        assert findings  # the ort forms (com.microsoft ops, uint8 zero points) are not TensorRT's
     q_proj = h.model.model.layers[0].self_attn.q_proj
     name = "model.layers.0.self_attn.q_proj"
     if "matmul_nbits" in forms:
@@ -85,7 +89,7 @@ def test_flavour_matches_quantized_torch(tiny_model_dir, tmp_path, case):
         attrs = {a.name: a.i for a in node.attribute}
         bits = 4 if cfg["format"] == "int4" else 8
         block = cfg.get("group_size", 64)
-        assert attrs == {"K": 64, "N": 64, "bits": bits, "block_size": block, "accuracy_level": 0}
+        assert attrs == {"K": 64, "N": 64, "bits": bits, "block_size": block, "accuracy_level": acc}
         b = numpy_helper.to_array(inits[node.input[1]])
         assert b.shape == (64, 64 // block, block * bits // 8) and b.dtype == np.uint8
         ours = q_proj.weight_packed.numpy()
