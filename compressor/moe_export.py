@@ -170,8 +170,10 @@ def export_experts(model: nn.Module, mode: Literal["sparse", "dense"]):
             cfg._experts_implementation_internal = _IMPL[mode]
         for mod in swapped:
             mod.forward = _LINEAR_FORWARDS[mode].__get__(mod)
+        model._compressor_experts_mode = mode  # an exporter inside the block keeps this choice
         yield model
     finally:
+        model.__dict__.pop("_compressor_experts_mode", None)
         for cfg, impl in saved:
             cfg._experts_implementation_internal = impl
         for mod in swapped:

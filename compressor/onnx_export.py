@@ -185,7 +185,9 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
     from compressor.moe_plugin_export import plugin_blocks, translation_table
 
     use_plugin = moe_plugin and flavour == "tensorrt"
-    experts = export_experts(model, pick_mode("tensorrt" if flavour == "tensorrt" else "ort"))
+    chosen = getattr(model, "_compressor_experts_mode", None)  # set by an enclosing export_experts block
+    experts = contextlib.nullcontext() if chosen else export_experts(
+        model, pick_mode("tensorrt" if flavour == "tensorrt" else "ort"))
     with contextlib.ExitStack() as stack:
         blocks = stack.enter_context(plugin_blocks(model)) if use_plugin else []
         layers = stack.enter_context(float_placeholders(model, skip=tuple(blocks)) if flavour != "reference"
