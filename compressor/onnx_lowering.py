@@ -121,9 +121,17 @@ def weight_scale_t(q):
         b = q.block_size
         s = np.repeat(s, b, axis=0)[:out]  # [out, ceil(in/B)]
         return np.ascontiguousarray(s.T), None, 0, b
-    if s.shape == (1, 1):
+    if q.fmt == "int4" and s.shape[1] == 1:
+        # INT4 is always block-quantized in ONNX/TensorRT: one scale per row becomes the same scale repeated
+        # over power-of-two blocks along the input axis (exact).
+        block = next((b for b in (128, 64, 32, 16) if inp % b == 0), inp)
+        reps = inp // block
+        s = np.repeat(np.broadcast_to(s, (out, 1)), reps, axis=1)
+        if zp is not None:
+            zp = np.repeat(np.broadcast_to(zp, (out, 1)), reps, axis=1)
+    elif s.shape == (1, 1):
         return s.reshape(()), None if zp is None else zp.reshape(()), None, None
-    if s.shape[1] == 1:  # per output channel
+    elif s.shape[1] == 1:  # per output channel
         return s[:, 0].copy(), None if zp is None else zp[:, 0].copy(), 1, None
     if zp is not None and q.fmt == "int4":
         zp = zp.astype(ml_dtypes.uint4)

@@ -47,6 +47,8 @@ CASES = {
     "int8-w8a8-tensorrt": (INT8_STATIC, "tensorrt", {"weight_dq": 14, "activation_qdq": 14}),
     "int8-w8a8-ort": (INT8_STATIC, "ort", {"weight_dq": 14, "activation_qdq": 14}),
     "int4-tensorrt": (INT4_G32, "tensorrt", {"weight_dq": 14}),
+    # One scale per row: INT4 is always blocked for TensorRT, so the row's scale repeats over blocks of 64.
+    "int4-per-channel-tensorrt": ({"format": "int4", "granularity": "per_channel"}, "tensorrt", {"weight_dq": 14}),
     "int4-ort": (INT4_G32, "ort", {"matmul_nbits": 14}),
     "int4-asym-ort": (INT4_G32_ASYM, "ort", {"matmul_nbits": 14}),
     # Per-channel scales repeat per block of 64 (the whole 64-wide row here); int8 codes shifted +128.
@@ -103,8 +105,9 @@ def test_flavour_matches_quantized_torch(tiny_model_dir, tmp_path, case):
     attrs = {a.name: a.i for a in dq.attribute}
     assert tuple(codes.dims) == (64, 64) and len(dq.input) == 2  # [in, out]; zero point omitted (= 0)
     if cfg["format"] == "int4":
-        assert codes.data_type == onnx.TensorProto.INT4 and attrs == {"axis": 0, "block_size": 32}
-        assert tuple(inits[dq.input[1]].dims) == (2, 64)
+        block = cfg.get("group_size", 64)
+        assert codes.data_type == onnx.TensorProto.INT4 and attrs == {"axis": 0, "block_size": block}
+        assert tuple(inits[dq.input[1]].dims) == (64 // block, 64)
     elif cfg == FP8_BLOCK:
         assert codes.data_type == onnx.TensorProto.FLOAT8E4M3FN and attrs == {"axis": 0, "block_size": 32}
     else:
