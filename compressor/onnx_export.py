@@ -157,7 +157,7 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
 
     import torch
 
-    from compressor.onnx_lowering import check_lowerable, float_placeholders, lower_linears
+    from compressor.onnx_lowering import float_placeholders, lower_linears
 
     # The exporter logs a warning per torchvision op it cannot register; torchvision is not a dependency.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -175,10 +175,6 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
     # forward(input_ids, attention_mask, *past_flat): the varargs are one nested entry.
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple([kv] * (2 * n_layers)))
     ins, outs = io_names(n_layers)
-    if flavour != "reference":
-        from compressor.kernels.qlinear import QuantLinear
-
-        check_lowerable({n: m.scheme for n, m in model.named_modules() if isinstance(m, QuantLinear)}, flavour)
     # MoE experts in a form the exporter traces: dense (fixed shapes) for TensorRT, a sparse loop otherwise;
     # or, with moe_plugin, the TensorRT plugin node for each whole routed-experts block.
     from compressor.moe_export import export_experts, pick_mode
@@ -231,7 +227,6 @@ def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (
 
     import onnx
     import onnxruntime as ort
-    import torch
 
     from compressor.onnx_lowering import activations_off, bypass_activation_qdq, set_nbits_accuracy
 
@@ -250,14 +245,30 @@ def verify_against_torch(model, path: str | Path, cases=((1, 5, 0), (3, 1, 7), (
         source = proto.SerializeToString()
     sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     ins, outs = io_names(model.config.num_hidden_layers)
+
+    def run_graph(args):
+        return sess.run(outs, {n: a.float().numpy() if a.is_floating_point() else a.numpy() for n, a in zip(ins, args)})
+
+    reference = (lambda: activations_off(model)) if bypass_activations else contextlib.nullcontext
+    return _case_errors(model, cases, run_graph, reference)
+
+
+def _case_errors(model, cases, candidate, reference=None) -> list[dict]:
+    """The model (inside a fresh `reference()` context, if given) against `candidate(args)` -> numpy outputs, on each
+    (batch, seq, past) case of seeded example inputs. -> [{batch, seq, past, max_rel_error}]."""
+    import contextlib
+
+    import torch
+
     wrapper = _wrapper(model)
     dtype = next(model.parameters()).dtype
     results = []
     for b, s, p in cases:
         args = example_inputs(model.config, b, s, p, dtype, seed=b * 100 + s * 10 + p)
-        with torch.no_grad(), (activations_off(model) if bypass_activations else contextlib.nullcontext()):
-            ref = wrapper(*args)
-        got = sess.run(outs, {n: a.float().numpy() if a.is_floating_point() else a.numpy() for n, a in zip(ins, args)})
+        with torch.no_grad():
+            with (reference or contextlib.nullcontext)():
+                ref = wrapper(*args)
+            got = candidate(args)
         err = max(_rel_err(r.float().numpy(), g) for r, g in zip(ref, got))
         results.append({"batch": b, "seq": s, "past": p, "max_rel_error": err})
     return results
@@ -267,19 +278,12 @@ def verify_plugin_reference(model, cases=((1, 5, 0), (3, 1, 7), (2, 6, 3))) -> l
     """For graphs with TensorRT plugin nodes, which ONNX Runtime cannot run: the model with its MoE blocks
     computed by the plugin's torch reference (BF16 in and out, as the plugin) against the model itself.
     -> [{batch, seq, past, max_rel_error}]."""
-    import torch
-
     from compressor.moe_plugin_export import plugin_blocks
 
     wrapper = _wrapper(model)
-    dtype = next(model.parameters()).dtype
-    results = []
-    for b, s, p in cases:
-        args = example_inputs(model.config, b, s, p, dtype, seed=b * 100 + s * 10 + p)
-        with torch.no_grad():
-            ref = wrapper(*args)
-            with plugin_blocks(model):
-                got = wrapper(*args)
-        err = max(_rel_err(r.float().numpy(), g.float().numpy()) for r, g in zip(ref, got))
-        results.append({"batch": b, "seq": s, "past": p, "max_rel_error": err})
-    return results
+
+    def with_plugin(args):
+        with plugin_blocks(model):
+            return [o.float().numpy() for o in wrapper(*args)]
+
+    return _case_errors(model, cases, with_plugin)

@@ -384,6 +384,13 @@ def bypass_activation_qdq(model_proto) -> int:
     return len(pairs)
 
 
+def static_activation_layers(model) -> dict:
+    """{name: QuantLinear} of the layers with a calibrated (static) input scale."""
+    from compressor.kernels.qlinear import QuantLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+
+
 def check_activation_qdq(model_proto, layers: dict) -> list[str]:
     """Problems with the activation Q/DQ of `layers` ({name: QuantLinear} with static activations): a missing
     pair, a scale other than the layer's input_scale, a zero point other than 0 (128 for uint8), a pair that

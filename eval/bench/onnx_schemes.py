@@ -31,10 +31,9 @@ def check_scheme(model_source: str, name: str, cfg: dict | None, out: Path) -> d
     from compressor import tensorrt_rules
     from compressor.calibration.data import calibration_windows
     from compressor.context import RunContext
-    from compressor.kernels.qlinear import QuantLinear
     from compressor.model import load_model
     from compressor.onnx_export import export_causal_lm, verify_against_torch
-    from compressor.onnx_lowering import check_activation_qdq
+    from compressor.onnx_lowering import check_activation_qdq, static_activation_layers
     from compressor.recipe import ModelSpec
     from compressor.registry import get_pass
     from compressor.targets import get_target
@@ -50,7 +49,7 @@ def check_scheme(model_source: str, name: str, cfg: dict | None, out: Path) -> d
     forms = export_causal_lm(h.model, path, opset=21, flavour="tensorrt")
     secs = time.perf_counter() - t0
     findings = tensorrt_rules.check(path)
-    static = {n: m for n, m in h.model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    static = static_activation_layers(h.model)
     problems = check_activation_qdq(onnx.load(str(path), load_external_data=False), static) if static else []
     checks = verify_against_torch(h.model, path, cases=CASES, bypass_activations=bool(static))
     e2e = verify_against_torch(h.model, path, cases=CASES[:2]) if static else checks

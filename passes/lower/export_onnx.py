@@ -83,12 +83,6 @@ def _check_scheme(name: str, schemes: dict[str, dict], cfg: ExportOnnxConfig) ->
         raise PassError(name, [], str(e), exit_code=2) from None
 
 
-def _static_activation_layers(model) -> dict:
-    from compressor.kernels.qlinear import QuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
-
-
 def _check_activation_qdq(path, layers: dict) -> None:
     import onnx
 
@@ -142,7 +136,9 @@ def run(handle, cfg: ExportOnnxConfig, ctx) -> PassResult:
                             f"{worst:.3g} > max_plugin_rel_error {cfg.max_plugin_rel_error}")
     elif cfg.verify:
         ctx.logger.info("export_onnx: verifying against torch in ONNX Runtime on untraced shapes")
-        static = _static_activation_layers(handle.model) if cfg.flavour != "reference" else {}
+        from compressor.onnx_lowering import static_activation_layers
+
+        static = static_activation_layers(handle.model) if cfg.flavour != "reference" else {}
         if static:
             _check_activation_qdq(path, static)
             info["activation_qdq_checked"] = len(static)
