@@ -69,8 +69,10 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     return upper
 
 
-def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant):
-    """GPTQ's lazy-batch column loop (in place on W): returns (dequantized Q in W's column order, loss)."""
+def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant, keep=None):
+    """GPTQ's lazy-batch column loop (in place on W): returns (dequantized Q in W's column order, loss).
+    keep (out, in) bool in W's column order, or None: weights outside it are quantized to exactly 0 (a pruned
+    weight stays pruned) and their whole value counts as error, which the later columns compensate."""
     out, cols = W.shape
     n_groups = cols // g
     Q = torch.zeros_like(W)
@@ -86,7 +88,8 @@ def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant):
             gi = col // g
             if not static and not done[gi]:
                 # Columns of this group are contiguous and unpermuted here (no act_order): i .. i+g in W1.
-                s, z = params(W1[:, i:i + g].unsqueeze(1))
+                wg = W1[:, i:i + g] if keep is None else W1[:, i:i + g] * keep[:, i1 + i:i1 + i + g]
+                s, z = params(wg.unsqueeze(1))
                 scales[:, gi] = s[:, 0]
                 if zeros is not None:
                     zeros[:, gi] = z[:, 0]
@@ -95,6 +98,8 @@ def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant):
             z = zeros[:, gi] if zeros is not None else None
             wcol = W1[:, i:i + 1]
             q = quant(wcol, s, z)
+            if keep is not None:
+                q = q * keep[:, i1 + i:i1 + i + 1]  # 0 lies on every grid (asymmetric ranges include it)
             Q[:, i1 + i] = q[:, 0]
             dcol = U1[i, i]
             err = (wcol[:, 0] - q[:, 0]) / dcol
@@ -107,10 +112,11 @@ def _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant):
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  max_retries: int = 5, observer: str = "minmax") -> GPTQResult:
+                  max_retries: int = 5, observer: str = "minmax", keep: torch.Tensor | None = None) -> GPTQResult:
     """w (out, in), h (in, in) -> quantized storage. group_size: > 0 per group, 0 per channel.
     bits: 4 or 8 (integer grid), or "fp8" (E4M3 grid, per-channel scales).
-    observer mse: each group's range is the MSE-optimal clipping of its weights at the time it is set."""
+    observer mse: each group's range is the MSE-optimal clipping of its weights at the time it is set.
+    keep (out, in) bool: the sparsity mask of a pruned layer; weights outside it come out exactly 0."""
     out, cols = w.shape
     if group_size > 0 and cols % group_size:
         raise ValueError(f"group size {group_size} does not divide the input width {cols}")
@@ -151,6 +157,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size:
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
+    if keep is not None:
+        keep = keep.to(torch.bool)[:, perm].to(W.dtype)
 
     retries, d = 0, damp
     while True:
@@ -164,7 +172,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size:
             d = d * 10.0 if d > 0 else 0.01
 
     with one_thread():
-        Q, loss = _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant)
+        Q, loss = _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant, keep)
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]

@@ -78,6 +78,7 @@ def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
     keep = {n for n, _ in flat}
     bits = cfg.bits
     stats: dict[str, dict] = {}
+    pruned = getattr(model.config, "compressor_sparsity", None) or {}  # {layer: pattern}, set by the prune pass
 
     def work(i: int, block, run_block) -> None:
         layers = [(n, lin) for n, lin in all_layers[i][1] if n in keep]
@@ -95,9 +96,10 @@ def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
                 no_tokens[name] = f"average Hessian of {len(sib)} sibling experts"
             else:
                 h, n_tok = st.hessian, st.n
+            mask = lin.weight.data != 0 if name in pruned else None  # pruned weights stay exactly zero
             try:
                 r = gptq_quantize(lin.weight.data, h, bits, cfg.group_size, cfg.symmetric, cfg.dampening_frac,
-                                  cfg.block_size, cfg.act_order, cfg.max_damp_retries, cfg.observer)
+                                  cfg.block_size, cfg.act_order, cfg.max_damp_retries, cfg.observer, mask)
             except HessianNotPositiveDefinite as e:
                 raise PassError("quantize_gptq", [], f"{name}: Hessian not positive definite after "
                                 f"{cfg.max_damp_retries} retries ({e}); raise dampening_frac (now "

@@ -87,3 +87,28 @@ def test_gptq_fp8_lowers_output_error_vs_rtn_fp8():
     rtn = rm.quantize_fp8(w, 0)
     deq_rtn = rtn.codes.float() * rtn.scale
     assert output_error(w.double(), deq.double(), h) < 0.7 * output_error(w.double(), deq_rtn.double(), h)
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 16), (4, False, 16), (8, True, 0), ("fp8", True, 0)])
+def test_gptq_keeps_pruned_weights_at_zero_and_compensates(bits, symmetric, group):
+    """A 2:4-pruned layer stays exactly 2:4 after GPTQ, and the output error stays close to unmasked GPTQ's on
+    the same pruned weight (the masked weights are already zero, so only compensation moves)."""
+    torch.manual_seed(0)
+    x = (torch.randn(512, 64) @ (torch.randn(64, 64) * 0.3 + torch.eye(64))) * torch.linspace(0.2, 3.0, 64)
+    w = torch.randn(32, 64)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    idx = w.abs().reshape(32, 16, 4).argsort(-1)[..., :2]  # the two smallest of every 4
+    keep.reshape(32, 16, 4).scatter_(-1, idx, False)
+    w = w * keep
+    h = 2 * x.T @ x / x.shape[0]
+    fmt = "fp8" if bits == "fp8" else ("int4" if bits == 4 else "int8")
+    masked = gptq_quantize(w, h, bits, group, symmetric, keep=keep)
+    free = gptq_quantize(w, h, bits, group, symmetric)
+    deq_masked = m.dequantize(masked.quantized, fmt, group, symmetric)
+    deq_free = m.dequantize(free.quantized, fmt, group, symmetric)
+    assert torch.all(deq_masked[~keep] == 0)
+    if bits != 8:  # without the mask, compensation moves some pruned slots off zero (int8: they round back to 0)
+        assert (deq_free[~keep] != 0).any()
+    err_masked = ((x @ (deq_masked - w).T) ** 2).mean()
+    err_free = ((x @ (deq_free - w).T) ** 2).mean()
+    assert err_masked < 2.0 * err_free, (err_masked, err_free)
