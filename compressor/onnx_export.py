@@ -14,6 +14,8 @@ folding is disabled for nodes that read low-precision initializers.
 
 from __future__ import annotations
 
+import json
+
 import inspect
 import warnings
 from pathlib import Path
@@ -144,6 +146,18 @@ def _name_dims(ir_model, n_layers: int) -> None:
         v.shape = ir.Shape(dims)
 
 
+SPARSITY_KEY = "compressor.sparsity"
+
+
+def read_sparsity(path: str | Path) -> dict[str, str]:
+    """{layer: pattern} recorded in an exported graph's metadata ({} when the model was not pruned)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    return json.loads(props[SPARSITY_KEY]) if SPARSITY_KEY in props else {}
+
+
 def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference",
                      moe_plugin: bool = False, nbits_accuracy: int = 0) -> dict:
     """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`.
@@ -202,6 +216,9 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
     if blocks:
         counts["moe_plugin"] = len(blocks)
     _name_dims(program.model, n_layers)
+    sparsity = getattr(model.config, "compressor_sparsity", None)
+    if sparsity:  # {layer: "2:4" | "unstructured" ...}, set by the prune pass; build_engine reads it
+        program.model.metadata_props[SPARSITY_KEY] = json.dumps(sparsity, sort_keys=True)
     size = sum(t.const_value.nbytes for t in program.model.graph.initializers.values() if t.const_value is not None)
     program.save(str(path), external_data=size > 1.8e9)  # protobuf's hard limit is 2 GiB
     return counts

@@ -68,11 +68,15 @@ def _spec(shape: tuple[int, ...]) -> str:
 
 
 def trtexec_command(onnx_name: str, engine_name: str, profiles: list[Profile], inputs: dict[str, list],
-                    plugin_library: str | None, timing_cache: str, opt_level: int) -> list[str]:
+                    plugin_library: str | None, timing_cache: str, opt_level: int,
+                    sparse_weights: bool = False) -> list[str]:
     """The trtexec argv that builds the same engine: strongly typed (precision comes from the graph's Q/DQ), one
-    --minShapes/--optShapes/--maxShapes set per optimization profile, the plugin library, the timing cache."""
+    --minShapes/--optShapes/--maxShapes set per optimization profile, the plugin library, the timing cache, and
+    2:4 sparse tactics when the graph's weights were pruned 2:4."""
     cmd = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={engine_name}", "--stronglyTyped",
            f"--timingCacheFile={timing_cache}", f"--builderOptimizationLevel={opt_level}"]
+    if sparse_weights:
+        cmd.append("--sparsity=enable")
     for p in profiles:
         shapes = p.shapes(inputs)
         for k, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
@@ -92,7 +96,7 @@ def tensorrt_available() -> str | None:
 
 
 def build(onnx_path: Path, engine_path: Path, profiles: list[Profile], plugin_library: str | None,
-          timing_cache: Path, opt_level: int, log) -> dict:
+          timing_cache: Path, opt_level: int, log, sparse_weights: bool = False) -> dict:
     """Build and serialize the engine with TensorRT's Python API. -> {tensorrt_version, gpu_arch, seconds}."""
     import time
 
@@ -111,6 +115,8 @@ def build(onnx_path: Path, engine_path: Path, profiles: list[Profile], plugin_li
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    if sparse_weights:  # let the builder pick 2:4 sparse tensor-core tactics for the pruned weights
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)

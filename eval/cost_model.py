@@ -5,6 +5,9 @@ Decode step time at batch B, context S:
   t = max(bytes / (bandwidth * BW_EFF), flops / (peak * FLOP_EFF))
   bytes = serving weight bytes + B * S * kv_bytes_per_token;  flops = 2 * params * B
 Weight-only formats (int8/int4 weights, 16-bit activations) compute at the BF16 rate; FP8 at the FP8 rate.
+2:4-sparse layers (config.compressor_sparsity, from the prune pass) are served compressed, as sparse tensor cores
+store them: half the values plus a 2-bit index per kept value, and half the FLOPs. That is the paper 2x; TARGETS.md
+quotes 1.3-1.6x measured end to end. Unstructured sparsity is served dense (no modeled gain).
 """
 
 from __future__ import annotations
@@ -22,18 +25,22 @@ def serving_weight_bytes(model) -> tuple[int, int, str]:
     from compressor.kernels.qlinear import QuantLinear
 
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    sparse = {n for n, pat in (getattr(model.config, "compressor_sparsity", None) or {}).items() if pat == "2:4"}
     total = params = 0
     for k, t in unique_state_dict(model).items():
         owner, _, leaf = k.rpartition(".")
         q = qmods.get(owner)
         if q is not None and leaf == "weight_packed":
-            total += t.numel() * t.element_size()
-            params += q.in_features * q.out_features
+            nbytes, n = t.numel() * t.element_size(), q.in_features * q.out_features
         elif q is not None and leaf in ("weight_scale", "weight_zero_point"):
             total += t.numel() * t.element_size()
+            continue
         else:
-            total += t.numel() * (2 if t.is_floating_point() else t.element_size())
-            params += t.numel()
+            nbytes, n = t.numel() * (2 if t.is_floating_point() else t.element_size()), t.numel()
+        if owner in sparse and leaf in ("weight", "weight_packed"):
+            nbytes, n = nbytes // 2 + n // 8, n // 2  # kept half + 2-bit indices; sparse tensor cores skip half
+        total += nbytes
+        params += n
     # Weight-only schemes dequantize to 16-bit before the GEMM, so they compute at the BF16 rate. When every
     # quantized layer also quantizes its activations, the GEMMs run at that precision (W8A8 INT8/FP8, W4A8 at
     # the FP8 rate, NVFP4 at the FP4 rate).
@@ -69,7 +76,9 @@ def model_cost(target: TargetSpec, model, batch_sizes: list[int], context: int) 
     wb, params, precision = serving_weight_bytes(model)
     kv_fp8 = bool(getattr(model.config, "compressor_kv_cache", None))
     kv = kv_bytes_per_token(model.config, 1 if kv_fp8 else 2)
+    sparse = sum(p == "2:4" for p in (getattr(model.config, "compressor_sparsity", None) or {}).values())
     return {"modeled": True, "target": target.name, "precision": precision, "weight_bytes": wb,
+            "sparse_2of4_layers": sparse,
             "kv_cache": "fp8" if kv_fp8 else "bf16",
             "bandwidth_efficiency": BW_EFF, "flop_efficiency": FLOP_EFF,
             "points": [decode(target, wb, params, kv, precision, b, context) for b in batch_sizes]}

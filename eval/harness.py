@@ -72,8 +72,9 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
         baseline[k] = baseline["eval_sets"][primary][k]
     for k in ("perplexity", "kl_divergence", "top1_agreement"):
         result[k] = result["eval_sets"][primary][k]
-    baseline["model_bytes"] = state_bytes(base.model)
-    result["model_bytes"] = state_bytes(handle.model)
+    for metrics, model in ((baseline, base.model), (result, handle.model)):
+        metrics["model_bytes"] = state_bytes(model)
+        metrics["parameters"], metrics["nonzero_parameters"] = parameter_counts(model)
     notes = []
 
     lat = ev.latency
@@ -106,6 +107,26 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
         notes.append("target cpu: cost is measured on this machine; no modeled GPU cost")
     cache.put_json("eval", key, {"baseline": baseline, "result": result, "notes": notes})
     return baseline, result, notes
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(parameters, nonzero parameters) over unique tensors; a QuantLinear counts its logical weight, nonzero
+    where its dequantized weight is (so pruned weights stay visible after quantization)."""
+    from compressor.checkpoint_io import unique_state_dict
+    from compressor.kernels.qlinear import QuantLinear
+
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    total = nonzero = 0
+    for k, t in unique_state_dict(model).items():
+        owner, _, leaf = k.rpartition(".")
+        if owner in qmods:
+            if leaf == "weight_packed":
+                w = qmods[owner].dequantized_weight()
+                total, nonzero = total + w.numel(), nonzero + int((w != 0).sum())
+            continue  # scales and zero points are not parameters of the model
+        if t.is_floating_point():
+            total, nonzero = total + t.numel(), nonzero + int((t != 0).sum())
+    return total, nonzero
 
 
 def onnx_opset(path: Path) -> int:

@@ -46,6 +46,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Cost (measured)", "", "| metric | baseline | result | change | backend |", "|---|---|---|---|---|"]
     lines.append(f"| model bytes | {b.get('model_bytes', 0) / 1e6:.1f} MB | {r.get('model_bytes', 0) / 1e6:.1f} MB | "
                  f"{_delta(b.get('model_bytes'), r.get('model_bytes'))} | weights as stored |")
+    for m, what in (("parameters", "unique tensors"), ("nonzero_parameters", "weights not pruned")):
+        if m in r:
+            lines.append(f"| {m.replace('_', ' ')} | {b[m] / 1e6:.2f}M | {r[m] / 1e6:.2f}M | {_delta(b[m], r[m])} | {what} |")
     for m in ("latency_ms_prefill", "latency_ms_decode", "tokens_per_s"):
         if m in r or m in b:
             backend = r.get("latency", {}).get("backend", "onnxruntime") + " " + str(r.get("latency", {}).get("device", ""))

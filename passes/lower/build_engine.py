@@ -139,16 +139,24 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
         dst = folder / "plugins"
         shutil.copytree(kernels, dst, ignore=shutil.ignore_patterns("python", "build", "__pycache__"))
     plugin_lib = cfg.plugin_library or ("plugins/build/libcompressor_moe_plugin.so" if build_plugins else None)
+    from compressor.onnx_export import read_sparsity
+
+    sparse_layers = sorted(n for n, pat in read_sparsity(onnx_path).items() if pat == "2:4")
     cmd = trt_build.trtexec_command("model.onnx", "model.plan", profiles, inputs, plugin_lib, "timing.cache",
-                                    cfg.optimization_level)
+                                    cfg.optimization_level, sparse_weights=bool(sparse_layers))
     (folder / "build.sh").write_text(_build_script(cmd, build_plugins))
     (folder / "build.sh").chmod(0o755)
     spec = {"onnx": "model.onnx", "engine": "model.plan", "plugin_ops": plugin_ops, "plugin_library": plugin_lib,
             "strongly_typed": True, "optimization_level": cfg.optimization_level, "timing_cache": "timing.cache",
+            "sparse_weights": bool(sparse_layers), "sparse_2of4_layers": sparse_layers,
             "profiles": [{"name": p.name, "ranges": p.ranges, "shapes": s} for p, s in zip(profiles, shapes)],
             "trtexec": cmd}
     (folder / "build.json").write_text(json.dumps(spec, indent=2) + "\n")
-    info = {"profiles": [p.name for p in profiles], "plugin_ops": plugin_ops, "notes": []}
+    info = {"profiles": [p.name for p in profiles], "plugin_ops": plugin_ops, "sparse_2of4_layers": len(sparse_layers),
+            "notes": []}
+    if sparse_layers:
+        info["notes"].append(f"{len(sparse_layers)} layers are 2:4 sparse: the engine is built with sparse weights "
+                             f"enabled (--sparsity=enable, BuilderFlag.SPARSE_WEIGHTS)")
     if plugin_ops and kernels is None:
         info["notes"].append("plugin sources not found next to the installed package (a non-editable install); "
                              "copy kernels/ from the compressor repository into engine/plugins before build.sh")
@@ -164,7 +172,7 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
                         f"library with kernels/CMakeLists.txt and set plugin_library", exit_code=2)
     try:
         built = trt_build.build(onnx_path, folder / "model.plan", profiles, plugin_lib, folder / "timing.cache",
-                                cfg.optimization_level, ctx.logger)
+                                cfg.optimization_level, ctx.logger, sparse_weights=bool(sparse_layers))
     except RuntimeError as e:
         raise PassError("build_engine", [], str(e)) from None
     info.update(built=True, **built)

@@ -35,3 +35,29 @@ def test_roofline_crossover_and_cost():
     int4 = cost_model.decode(h200, bf16 // 4, params, 0, "bf16", 1, 1)
     assert int4["tokens_per_s"] / one["tokens_per_s"] == pytest.approx(4.0)
     assert not cost_model.decode(h200, 150e9, params, 0, "bf16", 1, 1)["fits"]
+
+
+def test_2of4_layers_are_modeled_compressed_and_parameters_counted():
+    """A 2:4 layer is served as half its values plus a 2-bit index per kept value (and half the FLOPs);
+    the harness counts the zeros of pruned weights as parameters that are not 'nonzero'."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compressor.eval.harness import parameter_counts
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    dense_bytes, dense_params, _ = cost_model.serving_weight_bytes(model)
+    up = model.model.layers[0].mlp.up_proj.weight  # 128 x 64
+    with torch.no_grad():
+        up.view(-1, 4)[:, :2] = 0  # 2:4 along the input dimension
+    model.config.compressor_sparsity = {"model.layers.0.mlp.up_proj": "2:4"}
+    sparse_bytes, sparse_params, _ = cost_model.serving_weight_bytes(model)
+    n = 128 * 64
+    assert dense_bytes - sparse_bytes == 2 * n - (n + n // 8)
+    assert dense_params - sparse_params == n // 2
+    total, nonzero = parameter_counts(model)
+    assert total == dense_params and total - nonzero == n // 2
+    cost = cost_model.model_cost(get_target("h200"), model, [1], 512)
+    assert cost["sparse_2of4_layers"] == 1

@@ -105,6 +105,7 @@ def test_build_json_records_profiles_and_shapes(engine_run, tiny_model_dir):
         for inp, shapes in _expected(tiny_model_dir, p["name"]).items():
             assert p["shapes"][inp] == [list(x) for x in shapes]
     assert spec["trtexec"] == _trtexec_argv((out / "engine" / "build.sh").read_text())
+    assert spec["sparse_weights"] is False and "--sparsity=enable" not in spec["trtexec"]  # not pruned 2:4
 
 
 def test_engine_folder_holds_the_tensorrt_graph(engine_run):
