@@ -22,6 +22,10 @@ def test_wheel_has_only_compressor_at_top_level(tmp_path):
     for sub in ("passes/quantize/rtn.py", "passes/lower/export_onnx.py", "calibration/data.py", "eval/metrics.py",
                 "kernels/qlinear.py"):
         assert f"compressor/{sub}" in names, sub
+    # The plugin sources travel as package data (build_engine copies them next to build.sh).
+    for src in ("CMakeLists.txt", "csrc/moe_kernels.cu", "csrc/moe_kernels.h", "plugins/moe_plugin.cpp",
+                "plugins/moe_plugin.h"):
+        assert f"compressor/kernels/src/{src}" in names, src
     # transformers probes for a top-level `kernels` package: there must be none.
     assert not any(n.startswith(("kernels/", "passes/", "eval/", "calibration/")) for n in names)
 

@@ -77,10 +77,15 @@ class BuildEngineConfig(BaseModel):
 
 
 def _kernels_dir() -> Path | None:
+    """The plugin sources: package data `compressor.kernels.src` in a wheel install; the repository's kernels/
+    folder (next to kernels/python, which is `compressor.kernels`) in an editable one."""
     import compressor.kernels
 
-    root = Path(compressor.kernels.__file__).resolve().parent.parent  # kernels/python -> kernels/
-    return root if (root / "CMakeLists.txt").is_file() else None
+    here = Path(compressor.kernels.__file__).resolve().parent
+    for root in (here / "src", here.parent):
+        if (root / "CMakeLists.txt").is_file():
+            return root
+    return None
 
 
 def _plugin_ops(onnx_path: Path) -> list[str]:

@@ -1,0 +1,1 @@
+"""Distillation: the compressed model learns back from the original (distill.py)."""

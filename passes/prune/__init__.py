@@ -1,0 +1,1 @@
+"""Pruning passes: unstructured and N:M sparsity (sparsity.py), structured width/depth pruning (structured.py)."""
