@@ -177,7 +177,12 @@ def _run_transforms(plan: Plan, handle, ctx, cache: Cache, provenance: list) -> 
                       "cached": False, "info": res.info})
         before.append(p.name)
     provenance.extend(fresh)
-    if fresh and cache.enabled:
+    # A pass stopped by its own budget (distill's max_minutes) is not a finished stage: a rerun must resume it
+    # from its checkpoint instead of reusing the partial model.
+    partial = [f["name"] for f in fresh if (f["info"] or {}).get("stopped_early")]
+    if partial:
+        log.warning("not caching this stage: %s stopped early (a rerun resumes it)", ", ".join(partial))
+    if fresh and cache.enabled and not partial:
         def build(d: Path) -> None:
             (d / "model").mkdir()
             save_compressed(handle.model, handle.tokenizer, d / "model")

@@ -395,3 +395,16 @@ def test_int4_then_distill_through_the_cli_ends_closer_to_the_original(tmp_path,
     assert rc == 0, err
     again = json.loads((tmp_path / "again" / "report" / "report.json").read_text())
     assert again["passes"][1]["cached"] is True and again["result"]["metrics"]["kl_divergence"] == kl["rtn+distill"]
+
+
+def test_a_stage_stopped_by_max_minutes_is_not_cached_and_the_rerun_resumes(tmp_path, tiny_model_dir, text_dir, home,
+                                                                           capsys):
+    """The pipeline does not cache a stage whose pass stopped early: the same recipe run again resumes training from
+    the kept checkpoint instead of reusing the partial model."""
+    distill = "  - {pass: distill, steps: 4, lr: 1.0e-4, max_minutes: 1.0e-9, checkpoint_every: 1}\n"
+    recipe = _recipe(tmp_path, tiny_model_dir, text_dir, distill)
+    first = run_report(recipe, tmp_path / "first", capsys)["passes"][0]
+    assert first["cached"] is False and first["info"]["stopped_early"] == "max_minutes" and first["info"]["steps"] == 1
+    second = run_report(recipe, tmp_path / "second", capsys)["passes"][0]
+    assert second["cached"] is False and second["info"]["resumed"] is True
+    assert second["info"]["resumed_from_step"] == 1 and second["info"]["steps"] == 2  # one more step per run
