@@ -4,6 +4,9 @@
     compress plan RECIPE --target T
     compress passes | targets | assets
     compress check-onnx FILE [--tensorrt-version V]
+    compress report OUT                     # re-render report.md/.html/pareto.png from OUT/report/report.json
+    compress compare OUT_A OUT_B [--json]   # quality with intervals, cost, gates that changed
+    compress estimate --model DIR_OR_CONFIG --target T --scheme S [--batch B]...   # MODELED cost, no weights
 
 Exit codes: 0 ok; 1 a gate failed (outputs kept, the report says which); 2 bad recipe, target, input or missing
 dependency (nothing written); 3 internal error (a bug: traceback printed).
@@ -157,6 +160,60 @@ def check_onnx_cmd(file, tensorrt_version):
     if findings:
         raise RulesViolated(f"{file}: {len(findings)} finding(s) against TensorRT {version} rules")
     click.echo(f"{file}: fits TensorRT {version} rules")
+
+
+@cli.command("report")
+@click.argument("out", type=click.Path())
+def report_cmd(out):
+    """Re-render report.md, report.html and pareto.png from OUT/report/report.json."""
+    from compressor.eval.report import rerender
+
+    folder = rerender(out)
+    click.echo(f"rendered {folder / 'report.md'}, {folder / 'report.html'}, {folder / 'pareto.png'}")
+
+
+@cli.command("compare")
+@click.argument("out_a", type=click.Path())
+@click.argument("out_b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="print the comparison as JSON")
+def compare_cmd(out_a, out_b, as_json):
+    """Compare two runs' reports: metrics with intervals (B - A paired when the eval windows match), cost,
+    and the gates whose verdict changed."""
+    from compressor.eval import compare
+    from compressor.eval.report import load
+
+    (a, _), (b, _) = load(out_a), load(out_b)
+    c = compare.compare(a, b, out_a, out_b)
+    click.echo(json.dumps(c, default=str) if as_json else compare.render(c))
+
+
+@cli.command("estimate")
+@click.option("--model", "model", required=True, help="model folder or config.json (or asset:NAME); weights not read")
+@click.option("--target", "-t", required=True, help="GPU target: h200, h100, a100, l40s, l4, b200")
+@click.option("--scheme", "-s", required=True, help="bf16, fp8, int8 (W8A8), w8a16, w4a16 (int4), w4a8, nvfp4")
+@click.option("--batch", "-b", "batches", type=click.IntRange(min=1), multiple=True,
+              help="batch size (repeatable; default 1, 8, 64, 256)")
+@click.option("--input-len", type=click.IntRange(min=1), default=1024, show_default=True, help="prompt tokens")
+@click.option("--output-len", type=click.IntRange(min=1), default=1024, show_default=True, help="generated tokens")
+@click.option("--kv-cache", type=click.Choice(["bf16", "fp8"]), default="bf16", show_default=True)
+@click.option("--usd-per-hour", type=float, default=None, help="GPU-hour price (default: the target's)")
+@click.option("--json", "as_json", is_flag=True)
+def estimate_cmd(model, target, scheme, batches, input_len, output_len, kv_cache, usd_per_hour, as_json):
+    """MODELED decode/prefill time, crossover batch, memory and $/Mtok of a model config in a scheme on a target.
+    Builds the model on the meta device: no weights are read, a bare config.json is enough."""
+    import math
+
+    from compressor.errors import InputError
+    from compressor.eval import cost_model
+    from compressor.targets import get_target
+
+    if usd_per_hour is not None and not (math.isfinite(usd_per_hour) and usd_per_hour > 0):
+        raise InputError(f"--usd-per-hour must be a positive number, got {usd_per_hour}")
+    t = get_target(target)
+    cfg = cost_model.load_config(model)
+    est = cost_model.estimate(cfg, t, scheme.lower(), list(batches) or [1, 8, 64, 256], input_len, output_len,
+                              kv_cache, usd_per_hour)
+    click.echo(json.dumps(est) if as_json else cost_model.render_estimate(est))
 
 
 @cli.command("assets")

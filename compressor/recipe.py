@@ -15,8 +15,11 @@ Example (runs as shipped: `compress recipes/quickstart.yaml --target cpu`):
       - {pass: export_onnx}
     eval:
       datasets: [{name: python-docs, source: "asset:python-docs"}]
+      intervals: {level: 0.95, resamples: 2000}   # bootstrap over windows; seed defaults to the recipe's
+      usd_per_hour: 4.1                           # price of the target GPU for the modeled $/Mtok
     gates:
       - {metric: perplexity, max_increase_pct: 1.0}
+      - {metric: perplexity, max_increase_pct: 2.0, confidence: 0.95}   # upper 95% bound of the increase
 """
 
 from __future__ import annotations
@@ -90,12 +93,24 @@ class LatencySpec(Strict):
     threads: int | None = Field(None, gt=0)
 
 
+class IntervalSpec(Strict):
+    """Bootstrap confidence intervals over eval windows (eval/stats.py), reported beside every quality metric."""
+
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided coverage of the reported intervals")
+    resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap draws (same for every metric: paired)")
+    seed: int | None = Field(None, description="seed of the draws; default: the recipe's seed")
+
+
 class EvalSpec(Strict):
     datasets: list[EvalSet] = Field(min_length=1)
     num_windows: int = Field(16, gt=0)
     seq_len: int = Field(512, gt=1)
     latency: LatencySpec = LatencySpec()
     batch_sizes: list[int] = Field(default=[1, 8, 64], description="batch sizes for the modeled cost")
+    intervals: IntervalSpec = IntervalSpec()
+    usd_per_hour: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True,
+                                       description="price of one GPU-hour of the target for the modeled $/Mtok; "
+                                       "default: the target's (compress targets; prices dated in targets.py)")
 
     @field_validator("datasets")
     @classmethod
@@ -108,10 +123,17 @@ class EvalSpec(Strict):
 
 
 GATE_KINDS = ("max", "min", "max_increase", "max_increase_pct", "max_decrease", "max_decrease_pct")
+# Quality metrics measured window by window: the only ones with a bootstrap interval and a per-set value.
+WINDOW_METRICS = ("perplexity", "kl_divergence", "top1_agreement")
+# Measured against the baseline's own outputs: the baseline has no value to compare a change with.
+AGAINST_BASELINE = ("kl_divergence", "top1_agreement")
+LATENCY_METRICS = ("latency_ms_prefill", "latency_ms_decode", "tokens_per_s")
 
 
 class GateSpec(Strict):
-    """A quality or cost gate. Exactly one limit kind. `max_increase*` compare result to baseline."""
+    """A quality or cost gate. Exactly one limit kind. `max_increase*` compare result to baseline.
+    With `confidence`, the gate holds only if the bootstrap bound of the metric (e.g. the upper 95% bound of the
+    perplexity increase, one-sided) is within the limit."""
 
     metric: str
     eval_set: str | None = None
@@ -121,6 +143,8 @@ class GateSpec(Strict):
     max_increase_pct: float | None = None
     max_decrease: float | None = None
     max_decrease_pct: float | None = None
+    confidence: float | None = Field(None, gt=0.5, lt=1.0, description="pass only if the metric is within the "
+                                     "limit with this confidence (one-sided bootstrap bound over eval windows)")
 
     @field_validator("metric")
     @classmethod
@@ -138,6 +162,16 @@ class GateSpec(Strict):
         given = [k for k in GATE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a gate needs exactly one of {', '.join(GATE_KINDS)}; got {given or 'none'}")
+        what = f"gate {self.metric} {given[0]}"
+        if self.metric in AGAINST_BASELINE and given[0] not in ("max", "min"):
+            raise ValueError(f"{what}: {self.metric} is measured against the baseline, which has no value of its "
+                             "own to change from; use max or min")
+        if self.confidence is not None and self.metric not in WINDOW_METRICS:
+            raise ValueError(f"{what}: confidence needs a metric measured per eval window "
+                             f"({', '.join(WINDOW_METRICS)}); {self.metric} has no bootstrap interval")
+        if self.eval_set is not None and self.metric not in WINDOW_METRICS:
+            raise ValueError(f"{what}: eval_set applies to {', '.join(WINDOW_METRICS)}; {self.metric} is not "
+                             "measured per eval set")
         return self
 
     @property
@@ -358,7 +392,28 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), model_overri
     n = len(recipe.passes)
     recipe = recipe.model_copy(update={"passes": passes[:n], "export": passes[n:]})
     _check_files(recipe, file, lines)
+    _check_gates(recipe, file, lines)
     return recipe, lines
+
+
+def _check_gates(recipe: Recipe, file: str, lines: dict) -> None:
+    """Refuse, before any weight is loaded, a gate on a metric this recipe's run will not compute."""
+    ev = recipe.eval
+    for i, g in enumerate(recipe.gates):
+        loc = ("gates", i)
+        what = f"gate {g.metric} {g.kind} {g.limit}"
+        if g.metric in LATENCY_METRICS:
+            if not ev.latency.enabled:
+                raise RecipeError(f"{what}: latency is not measured (eval.latency.enabled is false)",
+                                  file=file, line=line_of(lines, loc), key=dotted(loc))
+            if not any(p.name == "export_onnx" for p in recipe.export):
+                raise RecipeError(f"{what}: latency is measured on an exported ONNX graph and this recipe exports "
+                                  "none; add {pass: export_onnx} to export:", file=file, line=line_of(lines, loc),
+                                  key=dotted(loc))
+        if g.confidence is not None and ev.num_windows < 2:
+            raise RecipeError(f"{what} at confidence {g.confidence}: a bootstrap over eval windows needs "
+                              f"eval.num_windows >= 2 (got {ev.num_windows})", file=file,
+                              line=line_of(lines, loc), key=dotted(loc))
 
 
 def _resolve_paths(data: dict, base: Path) -> None:
@@ -381,6 +436,12 @@ def _resolve_paths(data: dict, base: Path) -> None:
 
     fix(data.get("model"))
     fix(data.get("calibration"))
+    for sec in ("passes", "export"):  # a pass's own data (distill's train_data) and teacher folder
+        for p in data.get(sec) or []:
+            if isinstance(p, dict):
+                fix(p.get("train_data"))
+                if isinstance(p.get("teacher"), str):
+                    p["teacher"] = fix_one(p["teacher"])
     ev = data.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("datasets"), list):
         for d in ev["datasets"]:

@@ -48,14 +48,14 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
                        key=lambda a: {"ort": 0, "reference": 1}.get(a.get("flavour", "reference"), 2))
     onnx_art = onnx_arts[0] if onnx_arts else None
     # Tokenized first: the cache key holds the evaluated tokens, so edited eval files are never served stale.
-    windows = {d.name: eval_windows(handle.tokenizer, d.source, ev.num_windows, ev.seq_len, d.text_field, d.split)
-               for d in ev.datasets}
-    key = key_of("eval", stage_key, ev.model_dump(mode="json"), onnx_art and onnx_art["sha256"], target.name,
-                 {n: sha256_tensor(w) for n, w in windows.items()})
+    windows = {d.name: _windows(eval_windows, handle.tokenizer, d, ev) for d in ev.datasets}
+    # Intervals are computed from the cached per-window sums, so changing their settings reuses the forward passes.
+    key = key_of("eval", stage_key, ev.model_dump(mode="json", exclude={"intervals"}), onnx_art and onnx_art["sha256"],
+                 target.name, {n: sha256_tensor(w) for n, w in windows.items()})
     cached = cache.get_json("eval", key)
     if cached is not None:
         log.info("eval: reusing cached metrics")
-        return cached["baseline"], cached["result"], cached["notes"]
+        return add_intervals(recipe, cached["baseline"], cached["result"]) + (cached["notes"],)
 
     log.info("eval: loading the baseline %s", recipe.model.source)
     base = load_model(recipe.model)
@@ -101,12 +101,44 @@ def evaluate(recipe, target, handle, ctx, cache: Cache, stage_key: str, artifact
     elif lat.enabled:
         notes.append("latency not measured: the recipe exports no ONNX graph (add {pass: export_onnx} to export:)")
     if target.is_gpu:
-        baseline["modeled"] = cost_model.model_cost(target, base.model, ev.batch_sizes, ev.seq_len)
-        result["modeled"] = cost_model.model_cost(target, handle.model, ev.batch_sizes, ev.seq_len)
+        baseline["modeled"] = cost_model.model_cost(target, base.model, ev.batch_sizes, ev.seq_len,
+                                                    usd_per_hour=ev.usd_per_hour)
+        result["modeled"] = cost_model.model_cost(target, handle.model, ev.batch_sizes, ev.seq_len,
+                                                  usd_per_hour=ev.usd_per_hour)
     else:
         notes.append("target cpu: cost is measured on this machine; no modeled GPU cost")
     cache.put_json("eval", key, {"baseline": baseline, "result": result, "notes": notes})
-    return baseline, result, notes
+    return add_intervals(recipe, baseline, result) + (notes,)
+
+
+def _windows(eval_windows, tokenizer, d, ev):
+    from compressor.errors import InputError
+
+    try:
+        return eval_windows(tokenizer, d.source, ev.num_windows, ev.seq_len, d.text_field, d.split)
+    except InputError as e:  # name the eval set: one source may serve several
+        raise InputError(f"eval set {d.name!r}: {e}") from None
+
+
+def add_intervals(recipe, baseline: dict, result: dict) -> tuple[dict, dict]:
+    """Bootstrap intervals (eval/stats.py) on every eval set, from the per-window sums; the primary set's are
+    also at the top level. The settings go into result["bootstrap"] so gates and re-renders use the same draws."""
+    from compressor.eval import stats
+
+    iv = recipe.eval.intervals
+    seed = recipe.seed if iv.seed is None else iv.seed
+    result["bootstrap"] = {"level": iv.level, "resamples": iv.resamples, "seed": seed, "method": stats.METHOD}
+    for name, r in result.get("eval_sets", {}).items():
+        win = stats.window_inputs(baseline["eval_sets"][name], r)
+        if win is None:
+            continue
+        r["intervals"] = stats.quality_intervals(**win, level=iv.level, resamples=iv.resamples, seed=seed)
+        baseline["eval_sets"][name]["intervals"] = {"perplexity": r["intervals"]["perplexity_baseline"]}
+    primary = next(iter(result.get("eval_sets", {})), None)
+    if primary and "intervals" in result["eval_sets"][primary]:
+        result["intervals"] = result["eval_sets"][primary]["intervals"]
+        baseline["intervals"] = baseline["eval_sets"][primary]["intervals"]
+    return baseline, result
 
 
 def parameter_counts(model) -> tuple[int, int]:

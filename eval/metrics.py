@@ -5,7 +5,8 @@ For each window of L tokens, positions 0..L-2 predict tokens 1..L-1:
   nll    = -sum log p(token)                     -> perplexity = exp(total nll / total tokens)
   KL     = sum_v p_base(v) (log p_base(v) - log p_result(v))   (mean over positions)
   top1   = [argmax p_base == argmax p_result]    (mean over positions)
-Per-window sums are kept in the output so confidence intervals can be bootstrapped over windows.
+Per-window sums are kept in the output (window_nll, window_kl, window_top1: agreeing positions) so confidence
+intervals can be bootstrapped over windows (eval/stats.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def compare_models(baseline, result, windows: torch.Tensor, progress=None) -> tu
             "window_nll": per["nll_base"]}
     res = {"perplexity": math.exp(sum(per["nll"]) / n_tok), "kl_divergence": sum(per["kl"]) / n_tok,
            "top1_agreement": sum(per["top1"]) / n_tok, "tokens": n_tok, "window_nll": per["nll"],
-           "window_kl": per["kl"]}
+           "window_kl": per["kl"], "window_top1": per["top1"]}
     return base, res
 
 

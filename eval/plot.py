@@ -49,3 +49,103 @@ def scatter_svg(points: list[dict], x: str, y: str, label: str = "name", title: 
         out.append(f'<text x="{tx:.1f}" y="{py(vy) - 8:.1f}" text-anchor="{anchor}">{escape(str(p[label]))}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Pareto plot of a report: quality against cost per variant, the baseline marked (matplotlib, Agg, no pyplot).
+
+BASELINE_COLOR = "#d62728"
+VARIANT_COLOR = "#1f77b4"
+
+
+def _cost_axis(report: dict):
+    """(label, getter(metrics) -> cost or None): modeled $/Mtok at the first batch on a GPU target, else the
+    measured decode latency, else the bytes as stored."""
+    r = report["result"]["metrics"]
+    if r.get("modeled"):
+        m = r["modeled"]
+        p = m["points"][0]
+        return (f"$ per million tokens, MODELED on {m['target']} (batch {p['batch']}, context {p['context']})",
+                lambda x: (x.get("modeled") or {}).get("points", [{}])[0].get("usd_per_mtok"))
+    if isinstance(r.get("latency_ms_decode"), dict):
+        lat = r.get("latency", {})
+        return (f"decode ms/token, measured ({lat.get('backend', '')} {lat.get('device', '')}, batch 1, median)",
+                lambda x: (x.get("latency_ms_decode") or {}).get("median"))
+    return "model MB (weights as stored)", lambda x: x["model_bytes"] / 1e6 if x.get("model_bytes") else None
+
+
+def pareto_points(report: dict) -> tuple[list[dict], str, str]:
+    """[{name, cost, quality, low, high, baseline}] with the axis labels."""
+    x_label, cost = _cost_axis(report)
+    sets = report["result"]["metrics"].get("eval_sets", {})
+    first = next(iter(sets), None)
+    y_label = f"perplexity ({first}, held out; lower is better)" if first else "perplexity"
+    pts = []
+
+    def add(name, metrics, iv, is_base):
+        c, q = cost(metrics), metrics.get("perplexity")
+        if c is None or q is None:
+            return
+        pts.append({"name": name, "cost": float(c), "quality": float(q), "baseline": is_base,
+                    "low": iv["low"] if iv else None, "high": iv["high"] if iv else None})
+
+    b = report["baseline"]["metrics"]
+    add("baseline", b, (b.get("intervals") or {}).get("perplexity"), True)
+    for v in report.get("variants") or [{"name": report["recipe"]["name"], "metrics": report["result"]["metrics"]}]:
+        add(v["name"], v["metrics"], (v["metrics"].get("intervals") or {}).get("perplexity"), False)
+    return pts, x_label, y_label
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both cost and quality (lower is better on both), by cost."""
+    front = [p for p in points if not any(o["cost"] <= p["cost"] and o["quality"] <= p["quality"]
+                                          and (o["cost"], o["quality"]) != (p["cost"], p["quality"]) for o in points)]
+    return sorted(front, key=lambda p: p["cost"])
+
+
+def pareto_figure(points: list[dict], x_label: str, y_label: str, title: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    if not points:
+        ax.text(0.5, 0.5, "no quality measured (the recipe has no eval section)", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        front = pareto_front(points)
+        if len(front) > 1:
+            ax.step([p["cost"] for p in front], [p["quality"] for p in front], where="post", color="#999",
+                    linestyle="--", linewidth=1, label="Pareto front")
+        for p in points:
+            color = BASELINE_COLOR if p["baseline"] else VARIANT_COLOR
+            yerr = None
+            if p["low"] is not None:
+                yerr = [[p["quality"] - p["low"]], [p["high"] - p["quality"]]]
+            ax.errorbar([p["cost"]], [p["quality"]], yerr=yerr, fmt="*" if p["baseline"] else "o", color=color,
+                        markersize=16 if p["baseline"] else 10, capsize=4, label=p["name"])
+            ax.annotate(p["name"], (p["cost"], p["quality"]), textcoords="offset points", xytext=(8, 8), fontsize=9)
+        ax.margins(0.2)
+        ax.set_xlabel(x_label, fontsize=9)
+        ax.set_ylabel(y_label, fontsize=9)
+        ax.grid(True, color="#eee")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def write_pareto(report: dict, png_path) -> str:
+    """Write pareto.png; return the same figure as SVG text (for report.html). Deterministic bytes."""
+    import io
+
+    import matplotlib
+
+    points, x_label, y_label = pareto_points(report)
+    title = f"{report['recipe']['name']}: quality vs cost (error bars: bootstrap interval)"
+    with matplotlib.rc_context({"svg.hashsalt": "compressor", "svg.fonttype": "path"}):
+        fig = pareto_figure(points, x_label, y_label, title)
+        fig.savefig(png_path, format="png", metadata={"Software": None})
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]  # inline: without the XML prolog and doctype

@@ -7,10 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Debian's Python docs: one of the two bundled text corpora.
+# Debian packages, each skipped when already present: Python's docs (one of the two bundled text corpora) and
+# Chromium (a test renders report.html in it headless; that test is skipped where Chromium cannot be installed).
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3.11-doc >/dev/null
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || echo "chromium not installed: the report.html browser test will be skipped" >&2
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

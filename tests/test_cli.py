@@ -236,3 +236,55 @@ def test_pass_error_names_the_passes_before_it(tiny_recipe, tmp_path, home, caps
     assert rc == 2, err
     assert "pass export_onnx (after quantize_rtn, export_checkpoint) failed: FP8 weights need opset 19" in err
     assert _siblings(out) == []
+
+
+def test_report_verb_rerenders_and_refuses_unknown_schema(tiny_recipe, tmp_path, home, capsys):
+    out = tmp_path / "r"
+    rc, _, err = _run([tiny_recipe(export="export: []"), "--target", "h200", "--out", out, "--quiet",
+                       "--set", "eval.latency.enabled=false"], capsys)
+    assert rc == 0, err
+    rep = out / "report"
+    md = (rep / "report.md").read_text()
+    for name in ("report.md", "report.html", "pareto.png"):
+        (rep / name).unlink()
+    rc, stdout, err = _run(["report", out], capsys)
+    assert rc == 0 and "report.html" in stdout, err
+    assert (rep / "report.md").read_text() == md and (rep / "pareto.png").stat().st_size > 10_000
+    assert "95% intervals" in md and "MODELED" in (rep / "report.html").read_text()
+
+    report = json.loads((rep / "report.json").read_text())
+    report["schema_version"] = 99
+    (rep / "report.json").write_text(json.dumps(report))
+    rc, _, err = _run(["report", out], capsys)
+    assert rc == 2 and "report schema_version 99 is not one this compressor reads (1)" in err
+    assert len(err.strip().splitlines()) == 1
+    rc, _, err = _run(["report", tmp_path / "nowhere"], capsys)
+    assert rc == 2 and "no report/report.json here" in err
+
+
+def test_compare_two_runs_pairs_windows_and_lists_changed_gates(tiny_recipe, tmp_path, home, capsys):
+    """INT8 against INT4 on the same held-out windows: B - A is bootstrapped paired; the gate that INT4 fails is
+    listed as changed."""
+    gates = "gates:\n  - {metric: kl_divergence, max: 0.00001}\n  - {metric: top1_agreement, min: 0.5}"
+    outs = []
+    for name, fmt in (("a", "int8"), ("b", "int4\n    granularity: per_group\n    group_size: 32")):
+        outs.append(tmp_path / name)
+        rc, _, err = _run([tiny_recipe(fmt=fmt, export="export: []", gates=gates), "--target", "cpu", "--out",
+                           outs[-1], "--quiet", "--set", "eval.latency.enabled=false"], capsys)
+        assert rc == (0 if name == "a" else 1), err
+    rc, stdout, err = _run(["compare", *outs, "--json"], capsys)
+    assert rc == 0, err
+    c = json.loads(stdout)
+    assert c["same_baseline_model"]
+    rows = {r["metric"]: r for r in c["quality"]}
+    ppl = rows["perplexity"]
+    assert ppl["paired"] and ppl["difference"]["low"] <= ppl["difference"]["value"] <= ppl["difference"]["high"]
+    kl = rows["kl_divergence"]
+    assert kl["b"] > kl["a"] and kl["difference"]["value"] == pytest.approx(kl["b"] - kl["a"])
+    assert kl["difference"]["low"] > 0  # INT4 is worse than INT8 on these windows, with 95% confidence
+    # The paired interval of the difference is narrower than B's own interval.
+    assert kl["difference"]["high"] - kl["difference"]["low"] < kl["b_interval"]["high"] - kl["b_interval"]["low"]
+    changed = [g for g in c["gates"] if g["changed"]]
+    assert [(g["metric"], g["a"], g["b"]) for g in changed] == [("kl_divergence", True, False)]
+    rc, stdout, _ = _run(["compare", *outs], capsys)
+    assert rc == 0 and "## Gates (1 changed)" in stdout and "paired" in stdout and "model_bytes" in stdout
