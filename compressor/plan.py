@@ -180,5 +180,6 @@ def render(plan: Plan) -> str:
         lines.append("eval: " + ", ".join(f"{d.name} ({d.source})" for d in r.eval.datasets)
                      + f"; {r.eval.num_windows} x {r.eval.seq_len} tokens each")
     for g in r.gates:
-        lines.append(f"gate: {g.metric} {g.kind} {g.limit}" + (f" on {g.eval_set}" if g.eval_set else ""))
+        lines.append(f"gate: {g.metric} {g.kind} {g.limit}" + (f" on {g.eval_set}" if g.eval_set else "")
+                     + (f" at {g.confidence:.0%} confidence" if getattr(g, "confidence", None) else ""))
     return "\n".join(lines)

@@ -19,8 +19,8 @@ weights and optimizer state are saved under the cache (key: this config, the stu
 the data, the seed), so an interrupted run resumes from its last checkpoint and ends with the weights of an
 uninterrupted one. The checkpoints are deleted when training completes; --no-cache neither reads nor writes them.
 
-Example (recover INT4 RTN on SmolLM2; relative paths in `teacher:`/`train_data:` are read from the working
-directory):
+Example (recover INT4 RTN on SmolLM2; relative paths in `teacher:`/`train_data:` are read from the recipe's
+folder, like every path in a recipe):
 
     calibration: {source: [asset:python-docs, asset:shakespeare], num_samples: 128, seq_len: 512}
     passes:

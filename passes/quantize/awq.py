@@ -139,7 +139,8 @@ def run(handle, cfg: AWQConfig, ctx) -> PassResult:
     info = {"layers_quantized": len(report), "layers_skipped_ragged": skipped,
             "layers_scaled": scaled, "output_error_vs_rtn_median": ratios[len(ratios) // 2],
             "calibration_tokens": int(batches.numel()), "experts_without_tokens": no_tokens,
-            "sqnr_db_median": sorted(r["sqnr_db"] for r in report.values())[len(report) // 2]}
+            "sqnr_db_median": sorted(r["sqnr_db"] for r in report.values())[len(report) // 2],
+            "sqnr_db": {n: r["sqnr_db"] for n, r in report.items()}}
     ctx.logger.info("quantize_awq: %d layers (%d rescaled); median output error %.2fx RTN's before clipping",
                     len(report), scaled, info["output_error_vs_rtn_median"])
     info.update(calibrate_static("quantize_awq", handle, cfg.activations, ctx))

@@ -119,7 +119,8 @@ def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
     retried = {n: {"dampening": s["dampening"], "retries": s["retries"]} for n, s in stats.items() if s["retries"]}
     info = {"layers_quantized": len(stats), "layers_skipped_ragged": skipped, "sqnr_db_min": vals[0],
             "sqnr_db_median": vals[len(vals) // 2], "calibration_tokens": int(batches.numel()),
-            "dampening_retries": retried, "experts_without_tokens": no_tokens}
+            "dampening_retries": retried, "experts_without_tokens": no_tokens,
+            "sqnr_db": {n: s["sqnr_db"] for n, s in stats.items()}}
     ctx.logger.info("quantize_gptq: %d layers, weight SQNR median %.1f dB; %d layers needed more dampening",
                     len(stats), info["sqnr_db_median"], len(retried))
     info.update(calibrate_static("quantize_gptq", handle, cfg.activations, ctx))

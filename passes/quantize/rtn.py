@@ -144,7 +144,7 @@ def run(handle, cfg: RTNConfig, ctx) -> PassResult:
     vals = sorted(sqnr.values())
     info = {"layers_quantized": len(sqnr), "layers_skipped_ragged": skipped,
             "sqnr_db_min": vals[0], "sqnr_db_median": vals[len(vals) // 2],
-            "worst_layer": min(sqnr, key=sqnr.get)}
+            "worst_layer": min(sqnr, key=sqnr.get), "sqnr_db": sqnr}
     if skipped:
         ctx.logger.warning("quantize_rtn: %d layers kept unquantized (ragged groups): %s", len(skipped), skipped)
     ctx.logger.info("quantize_rtn: %d layers, weight SQNR median %.1f dB (min %.1f dB at %s)",
