@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -165,9 +166,9 @@ def run(handle, cfg: PruneConfig, ctx) -> PassResult:
     stats: dict[str, dict] = {}
     no_tokens: dict[str, str] = {}
 
-    def prune_block(i: int, hstats: dict | None) -> None:
+    def prune_block(i: int, xstats: dict | None) -> None:
         for name, lin, s in plan[i]:
-            stats[name] = _prune_layer(cfg, name, lin, s, hstats, [n for n, _, _ in plan[i]], no_tokens, ctx)
+            stats[name] = _prune_layer(cfg, name, lin, s, xstats, [n for n, _, _ in plan[i]], no_tokens, ctx)
 
     tokens = 0  # sparsity 0 everywhere (a sweep's dense point) leaves every block's list empty: nothing runs
     if any(plan) and cfg.method == "magnitude":
@@ -180,10 +181,14 @@ def run(handle, cfg: PruneConfig, ctx) -> PassResult:
         batches = ctx.calibration()
         tokens = int(batches.numel())
 
+        # Wanda needs only ||X_j||: per-channel sums of squares, not SparseGPT's full X^T X (d^2 memory and work
+        # per layer; q/k/v and gate/up share one).
+        gather = _sum_squares if cfg.method == "wanda" else collect
+
         def work(i: int, block, run_block) -> None:
-            with collect([(n, lin) for n, lin, _ in plan[i]]) as hstats:  # q/k/v and gate/up share one
+            with gather([(n, lin) for n, lin, _ in plan[i]]) as xstats:
                 run_block()
-            prune_block(i, hstats)
+            prune_block(i, xstats)
 
         run_blocks(NAME, model, batches, work, ctx, no_tokens, "input statistics")
 
@@ -236,24 +241,61 @@ def _plan_layers(cfg: PruneConfig, blocks, prefix: str) -> list[list[tuple]]:
     return plan
 
 
-def _input_hessian(name: str, hstats: dict, names: list[str], no_tokens: dict):
-    """The layer's H = 2 X^T X / n, or for an MoE expert no token reached, the mean of its siblings'."""
+class _SumSquares:
+    def __init__(self) -> None:
+        self.sq, self.n = 0.0, 0
+
+    @property
+    def mean_sq(self):
+        """(in,) mean of x_j^2 over the tokens: ||X_j||^2 / n."""
+        return self.sq / max(self.n, 1)
+
+
+@contextmanager
+def _sum_squares(layers: list[tuple[str, object]]):
+    """Yields {name: _SumSquares} filled while the block runs (float32 per batch, summed in float64)."""
+    import torch
+
+    from compressor.calibration.stats import NonFiniteActivation
+
+    stats: dict[str, _SumSquares] = {}
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if not torch.isfinite(x).all():
+                raise NonFiniteActivation(name)
+            st = stats.setdefault(name, _SumSquares())
+            st.sq = st.sq + x.to(torch.float32).square().sum(0).to(torch.float64)
+            st.n += x.shape[0]
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in layers]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_stat(name: str, stats: dict, names: list[str], no_tokens: dict, value):
+    """value(the layer's statistics), or for an MoE expert no token reached, the mean over its siblings'."""
     import torch
 
     from compressor.moe import siblings
 
-    st = hstats.get(name)
+    st = stats.get(name)
     if st is not None and st.n:
-        return st.hessian
-    sib = [hstats[s] for s in siblings(name, names) if s in hstats and hstats[s].n]
+        return value(st)
+    sib = [stats[s] for s in siblings(name, names) if s in stats and stats[s].n]
     if not sib:
         raise PassError(NAME, [], f"{name} received no calibration tokens and no sibling expert did either; "
                         "give more calibration data")
     no_tokens[name] = f"mean input statistics of {len(sib)} sibling experts"
-    return torch.stack([s.hessian for s in sib]).mean(0)
+    return torch.stack([value(s) for s in sib]).mean(0)
 
 
-def _prune_layer(cfg: PruneConfig, name: str, lin, s: float, hstats, names, no_tokens, ctx) -> dict:
+def _prune_layer(cfg: PruneConfig, name: str, lin, s: float, xstats, names, no_tokens, ctx) -> dict:
     import torch
 
     from compressor.passes.prune import _sparsity_math as sm
@@ -265,7 +307,7 @@ def _prune_layer(cfg: PruneConfig, name: str, lin, s: float, hstats, names, no_t
         from compressor.passes.prune._sparsegpt_math import sparsegpt_prune
         from compressor.passes.quantize._gptq_math import HessianNotPositiveDefinite
 
-        h = _input_hessian(name, hstats, names, no_tokens)
+        h = _layer_stat(name, xstats, names, no_tokens, lambda st: st.hessian)
         try:
             r = sparsegpt_prune(w, h, None if cfg.nm else s, cfg.nm, cfg.dampening_frac, cfg.block_size,
                                 cfg.max_damp_retries)
@@ -282,7 +324,7 @@ def _prune_layer(cfg: PruneConfig, name: str, lin, s: float, hstats, names, no_t
                                "retries", NAME, name, cfg.dampening_frac, r.dampening, r.retries)
     else:
         if cfg.method == "wanda":
-            scores = sm.wanda_scores(w, torch.diag(_input_hessian(name, hstats, names, no_tokens)).sqrt())
+            scores = sm.wanda_scores(w, _layer_stat(name, xstats, names, no_tokens, lambda st: st.mean_sq).sqrt())
         else:
             scores = sm.magnitude_scores(w)
         w.masked_fill_(sm.select_mask(scores, s, cfg.nm), 0)
