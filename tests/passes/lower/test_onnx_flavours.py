@@ -138,3 +138,71 @@ def test_schemes_a_flavour_cannot_carry_are_refused_naming_the_layer(tiny_model_
         check_lowerable(schemes, flavour)
     assert "model.layers.0.self_attn.q_proj" in str(e.value)
     check_lowerable(schemes, "reference")  # the reference flavour carries everything
+
+
+# ---- the fused ort graph through the export_onnx pass (compressor.ort_builder) ----
+
+def _export_pass(h, tmp_path, **cfg):
+    info = get_pass("export_onnx")
+    ctx = RunContext(get_target("cpu"), tmp_path, tmp_path, quiet=True)
+    return info.run(h, info.config(**cfg), ctx).info
+
+
+def test_export_pass_builds_the_fused_ort_graph_by_default(tiny_model_dir, tmp_path):
+    h = _quantized(tiny_model_dir, tmp_path, INT4_G32)
+    info = _export_pass(h, tmp_path, flavour="ort", opset=21)
+    assert info["fused"] is True
+    # q/k/v and gate/up packed: 4 MatMulNBits a layer instead of the traced flavour's 7; the tied head stays float.
+    assert info["lowered"] == {"matmul_nbits": 8, "matmul": 1, "group_query_attention": 2, "nodes": 37}
+    assert max(c["max_rel_error"] for c in info["verification"]) < 1e-5  # measured ~3e-7
+    m = onnx.load(str(tmp_path / "onnx-ort" / "model.onnx"))
+    assert len(_nodes(m, "GroupQueryAttention")) == 2 and not _nodes(m, "Transpose")
+
+
+def test_export_pass_fused_w8a8_checks_the_packed_qdq(tiny_model_dir, tmp_path):
+    h = _quantized(tiny_model_dir, tmp_path, INT8_STATIC)
+    info = _export_pass(h, tmp_path / "a", flavour="ort", opset=21)
+    assert info["fused"] and info["lowered"]["activation_qdq"] == 8
+    assert info["activation_qdq_checked"] == 14  # every calibrated layer, inside its packed projection
+    assert max(c["max_rel_error"] for c in info["verification"]) < 1e-5
+
+
+def test_export_pass_fused_false_or_other_flavours_trace(tiny_model_dir):
+    from compressor.passes.lower.export_onnx import _use_fused
+
+    h = load_model(ModelSpec(source=str(tiny_model_dir)))
+    cfg = get_pass("export_onnx").config
+    assert _use_fused(h.model, cfg(flavour="ort")) == (True, None)
+    assert _use_fused(h.model, cfg(flavour="ort", fused=False)) == (False, None)
+    assert _use_fused(h.model, cfg(flavour="reference")) == (False, None)
+
+
+def _unsupported_handle():
+    """A tiny Llama whose heads (8 wide) GroupQueryAttention does not take; the traced graph runs it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compressor.model import ModelHandle
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return ModelHandle(LlamaForCausalLM(cfg).eval(), None, "tiny", "tiny", "0")
+
+
+def test_export_pass_falls_back_to_tracing_or_refuses_when_asked_for_fused(tmp_path):
+    from compressor.errors import PassError
+
+    h = _unsupported_handle()
+    info = _export_pass(h, tmp_path / "a", flavour="ort", verify=False)
+    assert info["fused"] is False and "head_dim 8" in info["notes"][0]
+    assert (tmp_path / "a" / "onnx-ort" / "model.onnx").is_file()
+    with pytest.raises(PassError, match="fused: no fused ONNX Runtime graph for this model: head_dim 8") as e:
+        _export_pass(h, tmp_path / "b", flavour="ort", fused=True)
+    assert e.value.exit_code == 2 and not (tmp_path / "b" / "onnx-ort").exists()
+
+
+def test_fused_is_refused_for_other_flavours():
+    cfg = get_pass("export_onnx").config
+    with pytest.raises(ValueError, match="fused: only the ort flavour"):
+        cfg(flavour="tensorrt", fused=True)
+    assert cfg(flavour="tensorrt").fused is True and cfg(flavour="tensorrt", fused=False)  # default: no effect
