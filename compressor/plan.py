@@ -7,6 +7,8 @@ estimates peak memory and output size from the checkpoint's headers (no tensor d
 
 from __future__ import annotations
 
+import fnmatch
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,11 @@ def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
             raise RecipeError(f"pass {info.name} changes the model after {lowered_by.name} ({lowered_by.section}."
                               f"{lowered_by.index}) exported it, so the export would miss the change; move exports "
                               "after the passes that change the model (or into `export:`)",
+                              file=file, line=line_of(lines, loc), key=f"{section}.{i}")
+        early = [p for p in planned if any(fnmatch.fnmatch(p.name, pat) for pat in info.not_after)]
+        if early:
+            raise RecipeError(f"pass {info.name} cannot run after {early[0].name} ({early[0].section}."
+                              f"{early[0].index}); put it before any {' / '.join(info.not_after)} pass",
                               file=file, line=line_of(lines, loc), key=f"{section}.{i}")
         if info.calibrates(cfg) and recipe.calibration is None:
             raise RecipeError(f"pass {info.name} needs calibration data: add a `calibration:` section",

@@ -62,6 +62,9 @@ class PassInfo:
     # or the tensors its artifact holds (a lowering).
     output_bytes: Callable[[Any, list], list] | None = None
     doc: str = ""
+    # fnmatch patterns of passes this one cannot follow (e.g. structured pruning needs float weights, so not after
+    # "quantize_*"); the plan refuses such an order before any weight is loaded.
+    not_after: tuple[str, ...] = ()
 
     def calibrates(self, cfg) -> bool:
         nc = self.needs_calibration
@@ -82,13 +85,15 @@ class DuplicatePass(CompressorError):
 
 def register_pass(name: str, *, config: type[BaseModel], consumes: Artifact, produces: Artifact,
                   needs_calibration: bool | Callable[[Any], bool] = False, formats: Callable[[Any], set[Format]] | None = None,
-                  memory_factor: float = 1.0, output_bytes: Callable[[Any, list], list] | None = None):
+                  memory_factor: float = 1.0, output_bytes: Callable[[Any, list], list] | None = None,
+                  not_after: tuple[str, ...] = ()):
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY:
             raise DuplicatePass(f"pass {name!r} is registered twice ({_REGISTRY[name].run.__module__} and {fn.__module__})")
         _REGISTRY[name] = PassInfo(name, config, fn, consumes, produces, needs_calibration,
                                    formats or (lambda cfg: set()), memory_factor, output_bytes,
-                                   (fn.__module__ and importlib.import_module(fn.__module__).__doc__ or "").strip())
+                                   (fn.__module__ and importlib.import_module(fn.__module__).__doc__ or "").strip(),
+                                   tuple(not_after))
         return fn
 
     return deco

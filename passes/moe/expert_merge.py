@@ -70,7 +70,7 @@ def _merged(b, st, centres: list[int], cfg) -> tuple[dict, list]:
 
 @register_pass("expert_merge", config=ExpertMergeConfig, consumes=Artifact.TORCH_MODEL,
                produces=Artifact.TORCH_MODEL, needs_calibration=True, output_bytes=estimate_tensors,
-               memory_factor=1.3)
+               memory_factor=1.3, not_after=("quantize_*",))
 def run(handle, cfg: ExpertMergeConfig, ctx) -> PassResult:
     from compressor.passes.moe import _expert_math as m
     from compressor.passes.moe._arch import (ArchError, expert_weights, select, set_count, set_expert_weights,

@@ -150,7 +150,8 @@ def output_bytes(cfg: PruneConfig, tensors: list) -> list:
 
 
 @register_pass(NAME, config=PruneConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.TORCH_MODEL,
-               needs_calibration=lambda c: c.method != "magnitude", memory_factor=1.2, output_bytes=output_bytes)
+               needs_calibration=lambda c: c.method != "magnitude", memory_factor=1.2, output_bytes=output_bytes,
+               not_after=("quantize_*",))
 def run(handle, cfg: PruneConfig, ctx) -> PassResult:
     from compressor.calibration.forward_loop import decoder_blocks
     from compressor.passes.quantize._layers import prepare

@@ -256,7 +256,8 @@ def _config_values(c) -> dict:
 
 @register_pass(NAME, config=StructuredConfig, consumes=Artifact.TORCH_MODEL, produces=Artifact.TORCH_MODEL,
                needs_calibration=lambda c: c.needs_scores, memory_factor=1.1,
-               output_bytes=lambda c, t: _estimate(c, t))
+               output_bytes=lambda c, t: _estimate(c, t),
+               not_after=("quantize_*", "prune"))  # float weights; an unstructured prune's record would go stale
 def run(handle, cfg: StructuredConfig, ctx) -> PassResult:
     import torch
 

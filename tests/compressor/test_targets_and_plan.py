@@ -105,3 +105,19 @@ def test_pass_config_errors_name_the_field(tmp_path, tiny_model_dir):
         load_and_plan(str(p), "cpu")
     assert "r.yaml:8" in str(e.value) and "passes.0.group_sise" in str(e.value)
     assert "unknown key 'group_sise'; did you mean 'group_size'?" in str(e.value)
+
+
+@pytest.mark.parametrize("first,second,blocker", [
+    ("{pass: quantize_rtn, format: int8}", "{pass: prune_structured, importance: magnitude, mlp_ratio: 0.25}",
+     "quantize_rtn"),
+    ("{pass: prune, method: magnitude, sparsity: 0.5}", "{pass: prune_structured, importance: magnitude, "
+     "mlp_ratio: 0.25}", "prune"),
+    ("{pass: quantize_rtn, format: int8}", "{pass: prune, method: magnitude, sparsity: 0.5}", "quantize_rtn"),
+])
+def test_pruning_after_quantization_is_refused_at_plan_time(tmp_path, tiny_model_dir, first, second, blocker):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"schema_version: 1\nname: r\nmodel: {{source: {tiny_model_dir}}}\n"
+                 f"passes:\n  - {first}\n  - {second}\n")
+    with pytest.raises(RecipeError, match=rf"cannot run after {blocker} \(passes.0\)") as e:
+        load_and_plan(str(p), "cpu")
+    assert e.value.key == "passes.1" and e.value.line == 6

@@ -87,4 +87,4 @@ def test_quantized_experts_are_refused(tmp_path, quant_recipe, capsys):
     out = tmp_path / "out"
     rc, _, err = run_cli([recipe, "--target", "cpu", "--out", out, "--quiet"], capsys)
     assert rc == 2 and not out.exists()
-    assert "experts are already quantized; run expert_merge before quantization" in err
+    assert "expert_merge cannot run after quantize_rtn (passes.0)" in err  # refused by the plan, nothing loaded
