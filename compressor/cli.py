@@ -218,12 +218,16 @@ def estimate_cmd(model, target, scheme, batches, input_len, output_len, kv_cache
 
 @cli.command("assets")
 @click.option("--quiet", "-q", is_flag=True)
-def assets_cmd(quiet):
-    """Prepare the bundled model and text corpora in $COMPRESSOR_HOME (idempotent)."""
+@click.option("--fixtures", is_flag=True, help="also train the MoE fixtures now (otherwise built on first use)")
+def assets_cmd(quiet, fixtures):
+    """Prepare the bundled model and text corpora in $COMPRESSOR_HOME (idempotent). The MoE fixtures are trained
+    on first use (a few CPU-minutes each), or here with --fixtures."""
     _setup_logging(quiet)
     from compressor import assets
 
-    for name in assets.ASSETS:
+    for name, a in assets.ASSETS.items():
+        if a.kind == "fixture" and not fixtures:
+            continue
         p = assets.prepare(name)
         if not quiet:
             click.echo(f"{name:14} {p}")
