@@ -375,10 +375,10 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
         r["ppl_increase_pct"] = 100 * (r["ppl_onnx"] / base["ppl_onnx"] - 1)
         r["speedup_decode"] = base["decode_ms"]["median"] / r["decode_ms"]["median"]
         r["speedup_prefill"] = base["prefill_ms"]["median"] / r["prefill_ms"]["median"]
-        if "fp32-fused" in rows:  # the fair comparison: FP32 with the same fused ops
-            r["speedup_decode_vs_fp32_fused"] = rows["fp32-fused"]["decode_ms"]["median"] / r["decode_ms"]["median"]
-            r["speedup_prefill_vs_fp32_fused"] = (rows["fp32-fused"]["prefill_ms"]["median"]
-                                                  / r["prefill_ms"]["median"])
+        if "fp32-fused" in speed:  # the fair comparison: FP32 with the same fused ops
+            for what in ("decode", "prefill"):
+                r[f"speedup_{what}_vs_fp32_fused"] = (speed["fp32-fused"][f"{what}_ms"]["median"]
+                                                      / r[f"{what}_ms"]["median"])
         r["path"] = str(r["path"].relative_to(out))
     import onnxruntime
 
