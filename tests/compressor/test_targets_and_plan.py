@@ -121,3 +121,14 @@ def test_pruning_after_quantization_is_refused_at_plan_time(tmp_path, tiny_model
     with pytest.raises(RecipeError, match=rf"cannot run after {blocker} \(passes.0\)") as e:
         load_and_plan(str(p), "cpu")
     assert e.value.key == "passes.1" and e.value.line == 6
+
+
+# Shipped recipes and a target each plans on (the name says where it is meant to run; b200 for NVFP4).
+_SHIPPED_TARGET = {"smollm2-nvfp4": "b200", "smollm2-w4a16-deploy-cpu": "cpu", "quickstart": "cpu"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_plans(path):
+    """Every recipe in recipes/ validates and plans (names, configs, order, legality) without loading weights."""
+    plan = load_and_plan(str(path), _SHIPPED_TARGET.get(path.stem, "h200"))
+    assert plan.recipe.name == path.stem and plan.passes
