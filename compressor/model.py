@@ -20,6 +20,24 @@ from compressor.recipe import ASSET_PREFIX, ModelSpec, is_local_path
 
 log = logging.getLogger("compressor.model")
 
+# Encoder-only families: loaded with AutoModel (the bare encoder, whose hidden states are the embeddings) and
+# evaluated by embedding fidelity instead of perplexity (compressor.eval.embeddings).
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "albert",
+                                 "camembert", "deberta", "deberta-v2", "modernbert"})
+
+
+def is_encoder(config) -> bool:
+    """True for a BERT-family encoder config (or model)."""
+    config = getattr(config, "config", config)
+    return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
+
+
+def _auto_class(model_type: str | None):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModel if model_type in ENCODER_MODEL_TYPES else AutoModelForCausalLM
+
+
 
 @dataclass
 class ModelHandle:
@@ -32,6 +50,10 @@ class ModelHandle:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def is_encoder(self) -> bool:
+        return is_encoder(self.model.config)
 
     def num_parameters(self) -> int:
         from compressor.checkpoint_io import unique_state_dict
@@ -145,8 +167,11 @@ def load_model(spec: ModelSpec) -> ModelHandle:
         if qcfg is not None:
             model = _load_compressed(path, qcfg, dtype, trust)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
-                                                         use_safetensors=True)
+            import json
+
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+            model = _auto_class(model_type).from_pretrained(path, dtype=dtype, trust_remote_code=trust,
+                                                            use_safetensors=True)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -156,14 +181,14 @@ def load_model(spec: ModelSpec) -> ModelHandle:
 
 def _load_compressed(path: Path, qcfg: dict, dtype, trust: bool):
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from compressor import checkpoint_io
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust)
+    model = _auto_class(cfg.model_type).from_config(cfg, dtype=dtype, trust_remote_code=trust)
     checkpoint_io.rebuild_structure(model, qcfg)
     state = {}
     for w in sorted(path.glob("*.safetensors")):

@@ -101,6 +101,60 @@ class IntervalSpec(Strict):
     seed: int | None = Field(None, description="seed of the draws; default: the recipe's seed")
 
 
+class TaskSpec(Strict):
+    """A multiple-choice task built from held-out text and scored by our own log-likelihood scorer
+    (eval/mc.py, eval/corpus_tasks.py): "which of `choices` lines is the true next line"."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="the task's name in the report and in gates")
+    kind: Literal["next-line"] = Field("next-line", description="next-line: the true next line of held-out text "
+                                       "among distractor lines from other held-out documents of the corpus")
+    source: str | None = Field(None, description="corpus (asset:NAME, a local file or folder); default: the "
+                               "first eval set's; only its held-out documents are used")
+    num_items: int = Field(200, gt=0, le=100_000)
+    choices: int = Field(4, ge=2, le=20)
+    context_lines: int = Field(3, ge=1, le=50)
+    seed: int | None = Field(None, ge=0, description="item selection seed; default: the recipe's seed")
+
+
+class LmEvalSpec(Strict):
+    """lm-evaluation-harness tasks from local files (extra `compressor[lmeval]`)."""
+
+    tasks: list[str] = Field(min_length=1, description="task names; a name of eval.tasks is written as an "
+                             "lm-eval task (YAML + jsonl) and run by lm-eval on the same items")
+    include_path: str | list[str] | None = Field(None, description="folder(s) of task YAMLs with local data "
+                                                 "files; relative to the recipe")
+    limit: int | None = Field(None, gt=0, description="first N items of each task")
+    builtin_tasks: bool = Field(False, description="also index lm-eval's built-in task YAMLs (their data may "
+                                "need the hub)")
+
+
+class EmbeddingSpec(Strict):
+    """Embedding fidelity of encoder models: cosine of mean-pooled sentence embeddings to the original's."""
+
+    num_sentences: int = Field(256, gt=1, le=100_000, description="held-out sentences per eval set")
+    max_tokens: int = Field(128, gt=1, le=8192, description="tokens per sentence (longer ones are truncated)")
+    batch_size: int = Field(32, gt=0, le=4096)
+
+
+class ThroughputSpec(Strict):
+    """Measured tokens/s at several batch sizes (torch CPU, and ONNX Runtime CPU where a graph is exported)."""
+
+    enabled: bool = False
+    batch_sizes: list[int] = Field(default=[1, 4, 16], min_length=1)
+    prompt_len: int = Field(32, gt=0, le=65_536)
+    decode_tokens: int = Field(8, gt=0, le=65_536)
+    repetitions: int = Field(3, gt=0, le=1000)
+    warmup: int = Field(1, ge=0, le=1000)
+    threads: int | None = Field(None, gt=0, le=4096)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b <= 0 or b > 4096 for b in v):
+            raise ValueError(f"batch sizes must be between 1 and 4096, got {v}")
+        return v
+
+
 class EvalSpec(Strict):
     datasets: list[EvalSet] = Field(min_length=1)
     num_windows: int = Field(16, gt=0)
@@ -112,13 +166,20 @@ class EvalSpec(Strict):
                                        description="price of one GPU-hour of the target for the modeled $/Mtok; "
                                        "default: the target's (compress targets; prices dated in targets.py)")
 
-    @field_validator("datasets")
+    tasks: list[TaskSpec] = Field(default=[], description="multiple-choice tasks built from held-out text, "
+                                  "scored by our log-likelihood scorer (accuracy with bootstrap intervals)")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks from local files")
+    embeddings: EmbeddingSpec = Field(EmbeddingSpec(), description="encoder models: embedding fidelity settings")
+    throughput: ThroughputSpec = Field(ThroughputSpec(), description="measured tokens/s at several batch sizes")
+
+    @field_validator("datasets", "tasks")
     @classmethod
-    def _unique_names(cls, v: list[EvalSet]) -> list[EvalSet]:
+    def _unique_names(cls, v: list, info) -> list:
         names = [d.name for d in v]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"eval set names must be unique, repeated: {sorted(dup)}")
+            what = "eval set" if info.field_name == "datasets" else "task"
+            raise ValueError(f"{what} names must be unique, repeated: {sorted(dup)}")
         return v
 
 

@@ -8,7 +8,11 @@ only if the 95th percentile of the paired bootstrap of the increase is at most 2
 from __future__ import annotations
 
 KNOWN_METRICS = ("perplexity", "kl_divergence", "top1_agreement", "model_bytes", "peak_rss_mb", "peak_rss_mb_compress",
-                 "compress_seconds", "latency_ms_prefill", "latency_ms_decode", "tokens_per_s")
+                 "compress_seconds", "latency_ms_prefill", "latency_ms_decode", "tokens_per_s",
+                 # the primary task (first of eval.tasks, else of eval.lm_eval.tasks): multiple-choice accuracy
+                 "accuracy", "accuracy_norm",
+                 # encoders: cosine of sentence embeddings to the original's (primary eval set), mean and worst
+                 "embedding_cosine", "embedding_cosine_min")
 
 # kind -> (bootstrap statistic of a perplexity gate, sign turning it into the gated quantity)
 _PPL_STAT = {"max": ("perplexity", 1), "min": ("perplexity", 1), "max_increase": ("perplexity_delta", 1),

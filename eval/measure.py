@@ -1,7 +1,9 @@
-"""Measured cost: ONNX Runtime latency (prefill and per-token decode with KV cache) and process memory.
+"""Measured cost: ONNX Runtime latency (prefill and per-token decode with KV cache), tokens/s at several batch
+sizes (torch CPU and ONNX Runtime CPU), and process memory.
 
 Warm-up runs are discarded; each figure is the median over `repetitions` with min and max beside it, and the
-backend, device and thread count are recorded with it.
+backend, device (machine) and thread count are recorded with it. Models or graphs measured together are
+interleaved repetition by repetition, so machine noise hits all of them alike.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def empty_past(sess, batch: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _one_rep(sess, outs, past_names, prompt, decode_tokens) -> tuple[float, float]:
-    """One prefill + `decode_tokens` greedy decode steps; -> (prefill ms, median decode-step ms)."""
-    prompt_len = prompt.shape[1]
-    feeds = {"input_ids": prompt, "attention_mask": np.ones((1, prompt_len), np.int64), **empty_past(sess, 1)}
+def _one_rep(sess, outs, past_names, prompt, decode_tokens) -> tuple[float, list[float]]:
+    """One prefill of `prompt` (B, L) + `decode_tokens` greedy decode steps; -> (prefill ms, decode-step ms)."""
+    batch, prompt_len = prompt.shape
+    feeds = {"input_ids": prompt, "attention_mask": np.ones((batch, prompt_len), np.int64),
+             **empty_past(sess, batch)}
     t0 = time.perf_counter()
     res = dict(zip(outs, sess.run(None, feeds)))
     prefill = (time.perf_counter() - t0) * 1e3
@@ -53,13 +56,13 @@ def _one_rep(sess, outs, past_names, prompt, decode_tokens) -> tuple[float, floa
     nxt = res["logits"][:, -1:].argmax(-1).astype(np.int64)
     for _ in range(decode_tokens):
         total += 1
-        feeds = {"input_ids": nxt, "attention_mask": np.ones((1, total), np.int64)}
+        feeds = {"input_ids": nxt, "attention_mask": np.ones((batch, total), np.int64)}
         feeds.update({n: res[n.replace("past_key_values", "present")] for n in past_names})
         s0 = time.perf_counter()
         res = dict(zip(outs, sess.run(None, feeds)))
         steps.append((time.perf_counter() - s0) * 1e3)
         nxt = res["logits"][:, -1:].argmax(-1).astype(np.int64)
-    return prefill, statistics.median(steps)
+    return prefill, steps
 
 
 def ort_latency(paths: dict[str, str], prompt_len: int, decode_tokens: int, repetitions: int, warmup: int,
@@ -78,12 +81,127 @@ def ort_latency(paths: dict[str, str], prompt_len: int, decode_tokens: int, repe
             p, d = _one_rep(sess, outs, past_names, prompt, decode_tokens)
             if rep >= warmup:
                 times[name][0].append(p)
-                times[name][1].append(d)
+                times[name][1].append(statistics.median(d))
     out = {}
     for name, (prefill, decode) in times.items():
         d = _stats(decode)
-        out[name] = {"backend": "onnxruntime", "device": f"cpu ({platform.processor() or platform.machine()})",
+        out[name] = {"backend": "onnxruntime", "device": device(),
                      "threads": threads or "default", "batch": 1, "prompt_len": prompt_len,
                      "decode_tokens": decode_tokens, "repetitions": repetitions, "interleaved_with": sorted(paths),
                      "latency_ms_prefill": _stats(prefill), "latency_ms_decode": d, "tokens_per_s": 1000.0 / d["median"]}
     return out
+
+
+def device() -> str:
+    """The machine a CPU figure was measured on: architecture, CPU model and core count."""
+    import os
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"cpu ({platform.processor() or platform.machine()}{', ' + model if model else ''}, {os.cpu_count()} cores)"
+
+
+def _rates(batch: int, tokens: int, ms: list[float]) -> dict:
+    """tokens/s of each repetition (batch x tokens over its time) -> median, min, max, n."""
+    return _stats([batch * tokens / (t / 1e3) for t in ms])
+
+
+def _header(backend: str, threads, prompt_len: int, decode_tokens: int | None, repetitions: int, warmup: int) -> dict:
+    return {"backend": backend, "device": device(), "threads": threads or "default", "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "repetitions": repetitions, "warmup": warmup, "points": []}
+
+
+def torch_throughput(models: dict, batch_sizes: list[int], prompt_len: int, decode_tokens: int, repetitions: int,
+                     warmup: int, threads: int | None = None, vocab_size: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Causal LMs in torch on the CPU: per batch size B, prefill tokens/s (B x prompt_len over the prefill) and
+    decode tokens/s (B x decode_tokens over the greedy decode steps with KV cache). -> {name: measurement}."""
+    import torch
+
+    out = {name: _header("torch", threads, prompt_len, decode_tokens, repetitions, warmup) for name in models}
+    with _torch_threads(threads), torch.inference_mode():
+        for b in batch_sizes:
+            prompt = torch.from_numpy(np.random.default_rng(seed).integers(0, vocab_size, size=(b, prompt_len)))
+            times = {name: ([], []) for name in models}
+            for rep in range(warmup + repetitions):
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    res = model(input_ids=prompt, use_cache=True)
+                    t1 = time.perf_counter()
+                    past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+                    for _ in range(decode_tokens):
+                        res = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                        past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+                    t2 = time.perf_counter()
+                    if rep >= warmup:
+                        times[name][0].append((t1 - t0) * 1e3)
+                        times[name][1].append((t2 - t1) * 1e3)
+            for name, (pre, dec) in times.items():
+                out[name]["points"].append({"batch": b, "prefill_tokens_per_s": _rates(b, prompt_len, pre),
+                                            "decode_tokens_per_s": _rates(b, decode_tokens, dec)})
+    return out
+
+
+def torch_encoder_throughput(models: dict, batch_sizes: list[int], seq_len: int, repetitions: int, warmup: int,
+                             threads: int | None = None, vocab_size: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Encoders in torch on the CPU: tokens/s of one forward pass over B sequences of seq_len tokens."""
+    import torch
+
+    out = {name: _header("torch", threads, seq_len, None, repetitions, warmup) for name in models}
+    with _torch_threads(threads), torch.inference_mode():
+        for b in batch_sizes:
+            ids = torch.from_numpy(np.random.default_rng(seed).integers(0, vocab_size, size=(b, seq_len)))
+            times: dict[str, list[float]] = {name: [] for name in models}
+            for rep in range(warmup + repetitions):
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                    if rep >= warmup:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            for name, t in times.items():
+                out[name]["points"].append({"batch": b, "forward_tokens_per_s": _rates(b, seq_len, t)})
+    return out
+
+
+def ort_throughput(path: str, batch_sizes: list[int], prompt_len: int, decode_tokens: int, repetitions: int,
+                   warmup: int, threads: int | None = None, vocab_size: int = 1000, seed: int = 0) -> dict:
+    """An exported KV-cache graph in ONNX Runtime on the CPU: prefill and decode tokens/s per batch size."""
+    sess = _session(path, threads)
+    outs = [o.name for o in sess.get_outputs()]
+    past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    out = _header("onnxruntime", threads, prompt_len, decode_tokens, repetitions, warmup)
+    out["graph"] = path.rsplit("/", 2)[-2] if "/" in path else path
+    for b in batch_sizes:
+        prompt = np.random.default_rng(seed).integers(0, vocab_size, size=(b, prompt_len), dtype=np.int64)
+        pre, dec = [], []
+        for rep in range(warmup + repetitions):
+            p, steps = _one_rep(sess, outs, past_names, prompt, decode_tokens)
+            if rep >= warmup:
+                pre.append(p)
+                dec.append(sum(steps))
+        out["points"].append({"batch": b, "prefill_tokens_per_s": _rates(b, prompt_len, pre),
+                              "decode_tokens_per_s": _rates(b, decode_tokens, dec)})
+    return out
+
+
+class _torch_threads:
+    """Run with `threads` torch intra-op threads (default: torch's own), restoring the previous count."""
+
+    def __init__(self, threads: int | None):
+        self.threads, self.before = threads, None
+
+    def __enter__(self):
+        import torch
+
+        if self.threads:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.before is not None:
+            torch.set_num_threads(self.before)

@@ -56,6 +56,13 @@ def quality_table(report: dict) -> Table:
     rows = []
     for name, rs in r.get("eval_sets", {}).items():
         bs = b["eval_sets"][name]
+        if "embedding_cosine" in rs:  # an encoder: embedding fidelity instead of perplexity
+            iv = (rs.get("embedding_intervals") or {}).get("embedding_cosine")
+            rows.append([name, "embedding cosine to the original (mean)", "1",
+                         f"{rs['embedding_cosine']:.6f}{_iv(iv, '.6f')}", ""])
+            rows.append([name, "embedding cosine (worst sentence)", "1", f"{rs['embedding_cosine_min']:.6f}", ""])
+            rows.append([name, "held-out sentences", str(bs["sentences"]), str(rs["sentences"]), ""])
+            continue
         iv = rs.get("intervals", {})
         change = _delta(bs["perplexity"], rs["perplexity"])
         if "perplexity_delta" in iv:
@@ -68,13 +75,39 @@ def quality_table(report: dict) -> Table:
                      f"{rs['kl_divergence']:.5f}{_iv(iv.get('kl_divergence'), '.5f')}", ""])
         rows.append([name, "top-1 agreement", "1", f"{rs['top1_agreement']:.4f}{_iv(iv.get('top1_agreement'))}", ""])
         rows.append([name, "tokens evaluated", str(bs["tokens"]), str(rs["tokens"]), ""])
+    rows += task_rows(report)
     return head, rows
+
+
+def task_rows(report: dict) -> list[list[str]]:
+    """Multiple-choice accuracy per task (eval.tasks, eval.lm_eval) with bootstrap intervals over items; the
+    change is paired (the same items drawn for baseline and result)."""
+    b, r = report["baseline"]["metrics"], report["result"]["metrics"]
+    rows = []
+    for name, rt in (r.get("tasks") or {}).items():
+        bt = b["tasks"][name]
+        iv, biv = rt.get("intervals", {}), bt.get("intervals", {})
+        d = iv.get("accuracy_delta")
+        change = (f"{d['value']:+.4f}{_iv(d, '+.4f')}" if d else
+                  f"{rt['accuracy'] - bt['accuracy']:+.4f}")
+        what = f"accuracy ({rt['items']} items, {rt.get('source', 'compressor')})"
+        rows.append([f"task {name}", what, f"{bt['accuracy']:.4f}{_iv(biv.get('accuracy'))}",
+                     f"{rt['accuracy']:.4f}{_iv(iv.get('accuracy'))}", change])
+        if "accuracy_norm" in rt:
+            rows.append([f"task {name}", "accuracy, length-normalised", f"{bt['accuracy_norm']:.4f}",
+                         f"{rt['accuracy_norm']:.4f}{_iv(iv.get('accuracy_norm'))}",
+                         f"{rt['accuracy_norm'] - bt['accuracy_norm']:+.4f}"])
+    return rows
 
 
 def interval_note(report: dict) -> str | None:
     r = report["result"]["metrics"]
     sets = [s["intervals"] for s in r.get("eval_sets", {}).values() if "intervals" in s]
     if not sets:
+        emb = [s["embedding_intervals"] for s in r.get("eval_sets", {}).values() if "embedding_intervals" in s]
+        if emb:
+            return (f"Brackets: {emb[0]['level']:.0%} intervals, {emb[0]['method']} ({emb[0]['resamples']} "
+                    f"resamples, seed {emb[0]['seed']}).")
         return None
     iv = sets[0]
     tokens = next(iter(r["eval_sets"].values()))["tokens"] // iv["windows"]
@@ -97,6 +130,24 @@ def measured_cost_table(report: dict) -> Table:
             backend = lat.get("backend", "onnxruntime") + " " + str(lat.get("device", ""))
             rows.append([m, _fmt(b.get(m)), _fmt(r.get(m)), _delta(b.get(m, {}), r.get(m, {})), backend])
     return head, rows
+
+
+def throughput_table(report: dict) -> Table | None:
+    """Measured tokens/s per batch size, backend and machine (eval.throughput): median (min-max, n)."""
+    b, r = report["baseline"]["metrics"], report["result"]["metrics"]
+    rows = []
+    for who, m in (("baseline", b), ("result", r)):
+        for run in m.get("throughput") or []:
+            where = f"{run['backend']} {run['device']}, threads {run['threads']}"
+            for p in run["points"]:
+                for k, what in (("prefill_tokens_per_s", f"prefill {run['prompt_len']} tokens"),
+                                ("decode_tokens_per_s", f"decode {run['decode_tokens']} steps"),
+                                ("forward_tokens_per_s", f"forward {run['prompt_len']} tokens")):
+                    if k in p:
+                        rows.append([who, str(p["batch"]), what, _fmt(p[k], 4), where])
+    if not rows:
+        return None
+    return ["model", "batch", "tokens/s of", "tokens/s median (min-max, n)", "backend, machine"], rows
 
 
 def latency_note(report: dict) -> str | None:
@@ -261,6 +312,9 @@ def load(path: str | Path) -> tuple[dict, Path]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid JSON ({e})") from None
     version = report.get("schema_version") if isinstance(report, dict) else None
+    tt = throughput_table(report)
+    if tt:
+        lines += ["", "### Throughput (measured)", ""] + md_table(tt)
     if version not in READABLE_VERSIONS:
         raise InputError(f"{p}: report schema_version {version!r} is not one this compressor reads "
                          f"({', '.join(map(str, READABLE_VERSIONS))}); render it with the compressor that wrote it")
