@@ -3,6 +3,11 @@
 Entries are folders named by a sha256 key, written to a temporary sibling and renamed into place, so a reader
 sees a complete entry or none, and two runs sharing the cache never see each other's half-written files
 (the loser of a rename race discards its copy).
+
+Every entry records how long its result took to compute (`.timing.json`): the time from the lookup that missed
+to the `put` that stored it (so the passes that ran in between count, not only the writing), or the `build`
+time when nothing was looked up first. A hit adds that to this process's `ledger()`, which `compress sweep`
+reads to report the time reuse saved.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +39,35 @@ def sha256_tensor(t) -> str:
     return h.hexdigest()
 
 
+# Hits of this process: (kind, key, seconds the hit saved). Shared by every Cache instance; only appended to.
+_LEDGER: list[tuple[str, str, float]] = []
+_LEDGER_LOCK = threading.Lock()
+
+
+def ledger(start: int = 0) -> list[tuple[str, str, float]]:
+    """Cache hits of this process from position `start` on: [(kind, key, seconds saved)]."""
+    with _LEDGER_LOCK:
+        return list(_LEDGER[start:])
+
+
+def ledger_len() -> int:
+    with _LEDGER_LOCK:
+        return len(_LEDGER)
+
+
+def entry_seconds(entry: Path) -> float:
+    """Seconds an entry took to compute (0 for entries written before entries were timed)."""
+    try:
+        return float(json.loads((Path(entry) / ".timing.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 class Cache:
     def __init__(self, root: Path, enabled: bool = True):
         self.root = Path(root)
         self.enabled = enabled
+        self._missed: dict[tuple[str, str], float] = {}  # (kind, key) -> when a lookup missed
 
     def _dir(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / key
@@ -44,17 +76,27 @@ class Cache:
         if not self.enabled:
             return None
         d = self._dir(kind, key)
-        return d if (d / ".complete").is_file() else None
+        if not (d / ".complete").is_file():
+            self._missed.setdefault((kind, key), time.perf_counter())
+            return None
+        with _LEDGER_LOCK:
+            _LEDGER.append((kind, key, entry_seconds(d)))
+        return d
 
-    def put(self, kind: str, key: str, build: Callable[[Path], None]) -> Path:
-        """Build an entry in a temp folder with `build(folder)`, then rename it into place atomically."""
+    def put(self, kind: str, key: str, build: Callable[[Path], None], seconds: float | None = None) -> Path:
+        """Build an entry in a temp folder with `build(folder)`, then rename it into place atomically.
+        `seconds`: what computing the result cost (default: since the lookup of this key missed, else the build)."""
         final = self._dir(kind, key)
         if not self.enabled:
             raise RuntimeError("cache disabled")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}."))
+        t0 = time.perf_counter()
         try:
             build(tmp)
+            if seconds is None:
+                seconds = time.perf_counter() - self._missed.pop((kind, key), t0)
+            (tmp / ".timing.json").write_text(json.dumps({"seconds": round(seconds, 3), "kind": kind}) + "\n")
             (tmp / ".complete").write_text("1\n")
             try:
                 os.replace(tmp, final)

@@ -7,6 +7,14 @@
     compress report OUT                     # re-render report.md/.html/pareto.png from OUT/report/report.json
     compress compare OUT_A OUT_B [--json]   # quality with intervals, cost, gates that changed
     compress estimate --model DIR_OR_CONFIG --target T --scheme S [--batch B]...   # MODELED cost, no weights
+    compress sweep RECIPE --target T [--executor local|ray] [--ray-address ADDR] [--parallel N] [--out DIR]
+
+`compress sweep` runs every variant the recipe's `sweep:` section names (a grid of overrides and/or named
+variants) through the same pipeline into OUT/variants/<name>/, and writes one report in OUT/report/: every
+variant's quality and cost, the Pareto frontier, and the cheapest variant that passes the gates. Variants the
+plan refuses on the target are listed with the reason and not run. Shared work (calibration statistics,
+Hessians, exported baselines, finished stages) comes from the cache; the report says how much time that saved.
+Rerunning into the same OUT skips finished variants. Exit 0 when a variant passes the gates, 1 when none does.
 
 Exit codes: 0 ok; 1 a gate failed (outputs kept, the report says which); 2 bad recipe, target, input or missing
 dependency (nothing written); 3 internal error (a bug: traceback printed).
@@ -73,6 +81,11 @@ def cli() -> None:
 def run_cmd(recipe, target, model_override, overrides, out, overwrite, no_cache, as_json, quiet):
     """Run RECIPE for TARGET: passes, exports, evaluation, report."""
     _setup_logging(quiet)
+    if quiet:  # transformers draws its own "Loading weights" bars on stderr
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from compressor.pipeline import run_recipe
 
     try:
@@ -216,6 +229,53 @@ def estimate_cmd(model, target, scheme, batches, input_len, output_len, kv_cache
     click.echo(json.dumps(est) if as_json else cost_model.render_estimate(est))
 
 
+@cli.command("sweep")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common
+@click.option("--out", "-o", default=None, help="sweep folder (default: out/<recipe name>-sweep); rerun to resume")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: a Ray cluster (--ray-address, else a local one)")
+@click.option("--ray-address", default=None, help="HOST:PORT (or ray://HOST:PORT, auto) of a running Ray cluster")
+@click.option("--parallel", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="variants at a time (each loads the model and uses the CPU cores it gets)")
+@click.option("--no-cache", is_flag=True, help="ignore and do not fill the cache (nothing is reused)")
+@click.option("--plan-only", is_flag=True, help="print the sweep plan (variants, skipped ones and why) and stop")
+@click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary on stdout")
+@click.option("--quiet", "-q", is_flag=True, help="warnings and errors only")
+def sweep_cmd(recipe, target, model_override, overrides, out, executor, ray_address, parallel, no_cache, plan_only,
+              as_json, quiet):
+    """Run the variants of RECIPE's `sweep:` section for TARGET; one report with the Pareto frontier and the
+    cheapest variant that passes the gates."""
+    _setup_logging(quiet)
+    from compressor.sweep import runner
+
+    if plan_only:
+        click.echo(runner.plan_sweep(recipe, target, overrides, model_override).render())
+        return
+    s = runner.run_sweep(recipe, target, out, executor=executor, ray_address=ray_address, parallel=parallel,
+                         overrides=overrides, model_override=model_override, use_cache=not no_cache, quiet=quiet)
+    sw = s.report["sweep"]
+    if as_json:
+        click.echo(json.dumps({"out": str(s.out), "exit_code": s.exit_code, "message": s.message, **sw,
+                               "variants": [{k: v.get(k) for k in ("name", "status", "reason", "passed", "cost",
+                                                                    "frontier", "cheapest_passing", "seconds",
+                                                                    "seconds_saved", "attempts", "resumed")}
+                                            | {"perplexity": (v.get("metrics") or {}).get("perplexity")}
+                                            for v in s.report["variants"]]}, default=str))
+    elif not quiet:
+        from compressor.eval.report import md_table, sweep_notes, sweep_table
+
+        click.echo("\n".join(md_table(sweep_table(s.report)) + sweep_notes(s.report)))
+    if s.exit_code == 1:
+        raise GateFailed(s.message)
+    if s.exit_code:
+        err = CompressorError(s.message)
+        err.exit_code = s.exit_code
+        raise err
+    if not quiet and not as_json:
+        click.echo(s.message)
+
+
 @cli.command("assets")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--fixtures", is_flag=True, help="also train the MoE fixtures now (otherwise built on first use)")
@@ -247,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"gate failed: {e}", err=True)
         return 1
     except CompressorError as e:
-        click.echo(f"error: {e}", err=True)
+        # exit 2 is the user's input: one line (messages quoted from libraries may span several)
+        click.echo(f"error: {' '.join(str(e).split()) if e.exit_code == 2 else e}", err=True)
         if e.exit_code == 3:
             traceback.print_exc()
         return e.exit_code

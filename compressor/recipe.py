@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.errors import RecipeError
+from compressor.sweep.spec import SweepSpec
 
 SCHEMA_VERSION = 1
 ASSET_PREFIX = "asset:"
@@ -275,6 +276,8 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
     gates: list[GateSpec] = []
     seed: int = 0
+    sweep: SweepSpec | None = Field(None, description="variants for `compress sweep` (grid and/or named list); "
+                                    "an ordinary run ignores it")
     # Where the recipe was read from; set by `load_recipe`, used for error messages and relative paths.
     path: str | None = Field(None, exclude=True)
 

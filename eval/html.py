@@ -82,7 +82,13 @@ def render_html(report: dict, plot_svg: str) -> str:
             f"<li>passes: {escape(', '.join(p['name'] for p in report['passes']) or 'none')}</li>",
             f"<li>compress time {r.get('compress_seconds', 0):.1f} s; peak RSS {r.get('peak_rss_mb', 0):.0f} MB</li>",
             f"<li>gates: {verdict}</li></ul>",
-            "<h2>Quality (measured, torch CPU)</h2>"]
+            ]
+    st = rep.sweep_table(report)
+    if st:
+        body += ["<h2>Sweep</h2>", table(st, "sweep")] + [_para(n) for n in rep.sweep_notes(report)]
+        if report["sweep"].get("result"):
+            body.append(f"<h2>Result: {escape(report['sweep']['result'])}</h2>")
+    body += ["<h2>Quality (measured, torch CPU)</h2>"]
     body.append(table(rep.quality_table(report), "quality") if r.get("eval_sets") else
                 '<p class="note">No eval section: quality not measured.</p>')
     body.append(_para(rep.interval_note(report)))

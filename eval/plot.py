@@ -56,9 +56,10 @@ def scatter_svg(points: list[dict], x: str, y: str, label: str = "name", title: 
 
 BASELINE_COLOR = "#d62728"
 VARIANT_COLOR = "#1f77b4"
+CHEAPEST_COLOR = "#2ca02c"
 
 
-def _cost_axis(report: dict):
+def cost_axis(report: dict):
     """(label, getter(metrics) -> cost or None): modeled $/Mtok at the first batch on a GPU target, else the
     measured decode latency, else the bytes as stored."""
     r = report["result"]["metrics"]
@@ -74,6 +75,9 @@ def _cost_axis(report: dict):
     return "model MB (weights as stored)", lambda x: x["model_bytes"] / 1e6 if x.get("model_bytes") else None
 
 
+_cost_axis = cost_axis
+
+
 def pareto_points(report: dict) -> tuple[list[dict], str, str]:
     """[{name, cost, quality, low, high, baseline}] with the axis labels."""
     x_label, cost = _cost_axis(report)
@@ -82,17 +86,21 @@ def pareto_points(report: dict) -> tuple[list[dict], str, str]:
     y_label = f"perplexity ({first}, held out; lower is better)" if first else "perplexity"
     pts = []
 
-    def add(name, metrics, iv, is_base):
+    def add(name, metrics, iv, is_base, v=None):
         c, q = cost(metrics), metrics.get("perplexity")
         if c is None or q is None:
             return
+        v = v or {}
         pts.append({"name": name, "cost": float(c), "quality": float(q), "baseline": is_base,
-                    "low": iv["low"] if iv else None, "high": iv["high"] if iv else None})
+                    "low": iv["low"] if iv else None, "high": iv["high"] if iv else None,
+                    # sweeps: the variant passes every gate / is the cheapest that does
+                    "passed": v.get("passed"), "cheapest": bool(v.get("cheapest_passing"))})
 
     b = report["baseline"]["metrics"]
     add("baseline", b, (b.get("intervals") or {}).get("perplexity"), True)
     for v in report.get("variants") or [{"name": report["recipe"]["name"], "metrics": report["result"]["metrics"]}]:
-        add(v["name"], v["metrics"], (v["metrics"].get("intervals") or {}).get("perplexity"), False)
+        if v.get("metrics"):  # a sweep's skipped or failed variants have none
+            add(v["name"], v["metrics"], (v["metrics"].get("intervals") or {}).get("perplexity"), False, v)
     return pts, x_label, y_label
 
 
@@ -121,9 +129,16 @@ def pareto_figure(points: list[dict], x_label: str, y_label: str, title: str):
             yerr = None
             if p["low"] is not None:
                 yerr = [[p["quality"] - p["low"]], [p["high"] - p["quality"]]]
+            failed = p.get("passed") is False  # a sweep variant that fails a gate: hollow marker
             ax.errorbar([p["cost"]], [p["quality"]], yerr=yerr, fmt="*" if p["baseline"] else "o", color=color,
-                        markersize=16 if p["baseline"] else 10, capsize=4, label=p["name"])
-            ax.annotate(p["name"], (p["cost"], p["quality"]), textcoords="offset points", xytext=(8, 8), fontsize=9)
+                        markersize=16 if p["baseline"] else 10, capsize=4, mfc="white" if failed else color,
+                        label=p["name"] + (" (fails a gate)" if failed else ""))
+            label = p["name"] + (" (cheapest passing)" if p.get("cheapest") else "")
+            ax.annotate(label, (p["cost"], p["quality"]), textcoords="offset points", xytext=(8, 8), fontsize=9,
+                        fontweight="bold" if p.get("cheapest") else "normal")
+            if p.get("cheapest"):
+                ax.plot([p["cost"]], [p["quality"]], "o", markersize=20, mfc="none", mec=CHEAPEST_COLOR, mew=2.5,
+                        label="cheapest variant passing the gates")
         ax.margins(0.2)
         ax.set_xlabel(x_label, fontsize=9)
         ax.set_ylabel(y_label, fontsize=9)

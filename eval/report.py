@@ -232,6 +232,58 @@ def per_layer_sqnr(info: dict) -> dict[str, float]:
     return {}
 
 
+def sweep_table(report: dict) -> Table | None:
+    """A sweep's variants: quality, cost (the Pareto plot's axis), gates, frontier and cheapest passing marked."""
+    sw = report.get("sweep")
+    if not sw:
+        return None
+    b = report["baseline"]["metrics"]
+    head = ["variant", "status", "perplexity", "change", "KL", "top-1", "MB", "cost", "gates", "Pareto front",
+            "cheapest passing", "seconds (saved)"]
+    rows = []
+    if "perplexity" in b:
+        from compressor.eval.plot import cost_axis
+
+        c = cost_axis(report)[1](b)
+        rows.append(["baseline (original model)", "-", f"{b['perplexity']:.4f}", "", "0", "1",
+                     f"{b.get('model_bytes', 0) / 1e6:.1f}", _fmt(c), "", "", "", ""])
+    for v in report["variants"]:
+        secs = "" if v.get("seconds") is None else f"{v['seconds']:.1f} ({v.get('seconds_saved', 0):.1f})"
+        if v.get("resumed"):
+            secs += " resumed"
+        if "metrics" not in v:
+            why = (v.get("reason") or "").splitlines()[0] if v.get("reason") else ""
+            rows.append([f"`{v['name']}`", f"**{v['status']}**" if v["status"] == "error" else v["status"], "-",
+                         why, "", "", "", "", "", "", "", secs])
+            continue
+        m = v["metrics"]
+        gates = "pass" if v["passed"] else "**FAIL**: " + ", ".join(
+            g["metric"] for g in v.get("gates", []) if not g["passed"])
+        rows.append([f"`{v['name']}`", v["status"], _fmt(m.get("perplexity")), _delta(b.get("perplexity"),
+                     m.get("perplexity")), _fmt(m.get("kl_divergence")), _fmt(m.get("top1_agreement")),
+                     f"{m.get('model_bytes', 0) / 1e6:.1f}", _fmt(v.get("cost")), gates,
+                     "yes" if v.get("frontier") else "", "**yes**" if v.get("cheapest_passing") else "", secs])
+    return head, rows
+
+
+def sweep_notes(report: dict) -> list[str]:
+    sw = report.get("sweep")
+    if not sw:
+        return []
+    kinds = ", ".join(f"{k} {s:.1f} s" for k, s in sorted(sw["saved_by_kind"].items(), key=lambda kv: -kv[1]))
+    out = [f"Sweep of {sw['variants_total']} variants on {report['target']} ({sw['executor']} executor, "
+           f"{sw['parallel']} at a time): {sw['ran']} ran, {sw['resumed']} resumed from an earlier run, "
+           f"{len(sw['skipped'])} skipped, {len(sw['failed'])} failed.",
+           f"Time: {sw['seconds']:.0f} s for the sweep ({sw['variant_seconds']:.0f} s in variants); reuse through "
+           f"the cache saved {sw['seconds_saved']:.1f} s" + (f" ({kinds})" if kinds else "") + "."
+           + (f" Resumed variants had taken {sw['resumed_seconds']:.0f} s." if sw["resumed"] else ""),
+           f"Cost axis: {sw['cost_axis']}." if sw.get("cost_axis") else "",
+           f"Result below: `{sw['result']}`, {sw['result_is']}." if sw.get("result") else "No variant finished."]
+    out += [f"Skipped `{s['name']}`: {s['reason']}" for s in sw["skipped"]]
+    out += [f"Failed `{s['name']}`: {(s['reason'] or '').splitlines()[0]}" for s in sw["failed"]]
+    return [o for o in out if o]
+
+
 def artifact_table(report: dict) -> Table:
     return (["kind", "path", "bytes", "sha256"],
             [[a["kind"], a["path"], f"{a['bytes']:,}", f"`{a['sha256'][:16]}`"] for a in report["artifacts"]])
@@ -249,6 +301,11 @@ def render_markdown(report: dict) -> str:
              f"- target: **{report['target']}**",
              f"- passes: {', '.join(p['name'] for p in report['passes']) or 'none'}",
              f"- compress time: {r.get('compress_seconds', 0):.1f} s; peak RSS {r.get('peak_rss_mb', 0):.0f} MB", ""]
+    sw = sweep_table(report)
+    if sw:
+        lines += ["## Sweep", ""] + md_table(sw) + [f"\n{n}" for n in sweep_notes(report)] + [""]
+        if report["sweep"].get("result"):
+            lines += [f"# Result: {report['sweep']['result']}", ""]
     lines += ["## Quality (measured, torch CPU)", ""] + md_table(quality_table(report))
     if interval_note(report):
         lines.append(f"\n{interval_note(report)}")
