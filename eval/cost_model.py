@@ -8,6 +8,11 @@ Weight-only formats (int8/int4 weights, 16-bit activations) compute at the BF16 
 2:4-sparse layers (config.compressor_sparsity, from the prune pass) are served compressed, as sparse tensor cores
 store them: half the values plus a 2-bit index per kept value, and half the FLOPs. That is the paper 2x; TARGETS.md
 quotes 1.3-1.6x measured end to end. Unstructured sparsity is served dense (no modeled gain).
+
+A run's modeled cost (model_cost) and `compress estimate` share the split of the served tensors (`traffic`):
+the input embedding is a lookup, not a matmul: no FLOPs, and a run's decode step reads only the B rows its
+tokens select (a tied embedding is the lm_head too, read whole); MoE experts compute top_k of E per token and
+a batch reads the experts it hits under uniform routing, E x (1 - (1 - k/E)^B).
 """
 
 from __future__ import annotations
@@ -21,32 +26,72 @@ FLOP_EFF = 0.6
 def serving_weight_bytes(model) -> tuple[int, int, str]:
     """(bytes as served, parameters, compute precision). Float weights are served in BF16; packed codes,
     scales and zero points as stored."""
+    t = served_model(model)
+    return t["dense_bytes"] + t["expert_bytes"], t["dense_params"] + t["expert_params"], t["precision"]
+
+
+def served_model(model) -> dict:
+    """The served tensors of a loaded model, split as `served_tensors` splits a meta model: dense / expert bytes
+    and parameters, the input embedding (a lookup unless tied), experts and top_k, and the compute precision."""
     from compressor.checkpoint_io import unique_state_dict
     from compressor.kernels.qlinear import QuantLinear
 
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     sparse = {n for n, pat in (getattr(model.config, "compressor_sparsity", None) or {}).items() if pat == "2:4"}
-    total = params = 0
+    out = _empty_split(model)
+    emb = model.get_input_embeddings()
+    emb_key = (emb.weight.untyped_storage().data_ptr(), tuple(emb.weight.shape)) if emb is not None else None
     for k, t in unique_state_dict(model).items():
         owner, _, leaf = k.rpartition(".")
         q = qmods.get(owner)
         if q is not None and leaf == "weight_packed":
             nbytes, n = t.numel() * t.element_size(), q.in_features * q.out_features
         elif q is not None and leaf in ("weight_scale", "weight_zero_point"):
-            total += t.numel() * t.element_size()
-            continue
+            nbytes, n = t.numel() * t.element_size(), 0  # scales: bytes, not parameters
         else:
             nbytes, n = t.numel() * (2 if t.is_floating_point() else t.element_size()), t.numel()
         if owner in sparse and leaf in ("weight", "weight_packed"):
             nbytes, n = nbytes // 2 + n // 8, n // 2  # kept half + 2-bit indices; sparse tensor cores skip half
-        total += nbytes
-        params += n
+        if emb_key and (t.untyped_storage().data_ptr(), tuple(t.shape)) == emb_key and not out["tied"]:
+            out["embedding_params"], out["embedding_bytes"] = n, nbytes
+        _add(out, ".experts." in f".{k}", nbytes, n)
     # Weight-only schemes dequantize to 16-bit before the GEMM, so they compute at the BF16 rate. When every
     # quantized layer also quantizes its activations, the GEMMs run at that precision (W8A8 INT8/FP8, W4A8 at
     # the FP8 rate, NVFP4 at the FP4 rate).
     acts = {(m.activations or {}).get("format") for m in qmods.values()}
-    precision = {"int8": "int8", "fp8": "fp8", "nvfp4": "fp4"}.get(acts.pop(), "bf16") if len(acts) == 1 else "bf16"
-    return total, params, precision
+    out["precision"] = {"int8": "int8", "fp8": "fp8", "nvfp4": "fp4"}.get(acts.pop(), "bf16") if len(acts) == 1 \
+        else "bf16"
+    return out
+
+
+def _empty_split(model) -> dict:
+    cfg = model.config
+    experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+    emb = model.get_input_embeddings()
+    return {"dense_bytes": 0.0, "expert_bytes": 0.0, "dense_params": 0, "expert_params": 0, "embedding_params": 0,
+            "embedding_bytes": 0.0, "embedding_rows": int(emb.weight.shape[0]) if emb is not None else 0,
+            "tied": bool(getattr(cfg, "tie_word_embeddings", False)), "experts": experts,
+            "top_k": int(getattr(cfg, "num_experts_per_tok", 0) or 0) if experts else 0}
+
+
+def _add(out: dict, is_expert: bool, nbytes: float, n: int) -> None:
+    key = "expert" if is_expert else "dense"
+    out[f"{key}_bytes"] += nbytes
+    out[f"{key}_params"] += n
+
+
+def traffic(t: dict, batch: int, embedding_rows: int | None = None) -> tuple[float, float]:
+    """(weight bytes a forward step over `batch` tokens reads, parameters each token computes with) of a split
+    (served_model / served_tensors). MoE: top_k of E experts compute, the experts a batch hits are read.
+    `embedding_rows`: the untied input embedding is read for that many rows only (None: read whole)."""
+    moe = t["experts"] > 0 and t["top_k"] > 0 and t["expert_params"] > 0
+    hit = 1 - (1 - t["top_k"] / t["experts"]) ** batch if moe else 1.0
+    dense = t["dense_bytes"]
+    if embedding_rows is not None and t["embedding_params"]:
+        dense -= t["embedding_bytes"] * (1 - min(embedding_rows, t["embedding_rows"]) / t["embedding_rows"])
+    active = t["dense_params"] - t["embedding_params"] + (
+        t["expert_params"] * t["top_k"] / t["experts"] if moe else t["expert_params"])
+    return dense + t["expert_bytes"] * hit, active
 
 
 def kv_bytes_per_token(config, kv_bytes: int = 2) -> int:
@@ -57,7 +102,9 @@ def kv_bytes_per_token(config, kv_bytes: int = 2) -> int:
 
 
 def decode(target: TargetSpec, weight_bytes: int, params: int, kv_per_token: int, precision: str,
-           batch: int, context: int, usd_per_hour: float | None = None) -> dict:
+           batch: int, context: int, usd_per_hour: float | None = None, resident_bytes: float | None = None) -> dict:
+    """One decode step of `batch` sequences at `context`: weight_bytes read, params computed per token;
+    memory holds resident_bytes of weights (default: weight_bytes) and the KV cache."""
     bytes_moved = weight_bytes + batch * context * kv_per_token
     peak = target.peak_flops.get(precision) or target.peak_flops["bf16"]
     t_mem = bytes_moved / (target.bandwidth_bytes_per_s * BW_EFF)
@@ -65,7 +112,7 @@ def decode(target: TargetSpec, weight_bytes: int, params: int, kv_per_token: int
     t = max(t_mem, t_cmp)
     tps = batch / t
     price = usd_per_hour if usd_per_hour is not None else target.usd_per_hour
-    memory = weight_bytes + batch * context * kv_per_token
+    memory = (weight_bytes if resident_bytes is None else resident_bytes) + batch * context * kv_per_token
     return {"batch": batch, "context": context, "tokens_per_s": tps, "latency_ms_decode": t * 1e3,
             "bound": "memory" if t_mem >= t_cmp else "compute", "memory_gb": memory / 1e9,
             "fits": memory <= target.memory_bytes,
@@ -74,20 +121,37 @@ def decode(target: TargetSpec, weight_bytes: int, params: int, kv_per_token: int
 
 def model_cost(target: TargetSpec, model, batch_sizes: list[int], context: int,
                usd_per_hour: float | None = None) -> dict:
-    wb, params, precision = serving_weight_bytes(model)
+    """MODELED cost of a loaded (compressed) model on `target`: decode at `context` per batch size, prefill of
+    `context` tokens, crossover batch. Bytes and FLOPs through `traffic` (embedding rows, MoE active experts)."""
+    t = served_model(model)
+    wb, precision = t["dense_bytes"] + t["expert_bytes"], t["precision"]
     kv_fp8 = bool(getattr(model.config, "compressor_kv_cache", None))
     kv = kv_bytes_per_token(model.config, 1 if kv_fp8 else 2)
     sparse = sum(p == "2:4" for p in (getattr(model.config, "compressor_sparsity", None) or {}).values())
+    points = []
+    for b in batch_sizes:
+        read, active = traffic(t, b, embedding_rows=b)  # one new token per sequence and step
+        points.append(decode(target, read, active, kv, precision, b, context, usd_per_hour, resident_bytes=wb))
+    full, active = traffic(t, 1 << 30, embedding_rows=0)  # every expert read: the large-batch limit
+    pf_read, _ = traffic(t, context, embedding_rows=context)
+    moe = t["experts"] > 0 and t["top_k"] > 0 and t["expert_params"] > 0
     return {"modeled": True, "target": target.name, "precision": precision, "weight_bytes": wb,
+            "parameters": t["dense_params"] + t["expert_params"], "active_parameters": active,
+            "embedding": {"lookup_parameters": t["embedding_params"], "bytes": t["embedding_bytes"],
+                          "counted": "rows read per step only (a lookup, no FLOPs)" if t["embedding_params"]
+                          else "tied with the lm_head: read whole"},
+            "moe": {"experts": t["experts"], "top_k": t["top_k"], "expert_params": t["expert_params"],
+                    "experts_read": [1 - (1 - t["top_k"] / t["experts"]) ** b for b in batch_sizes]}
+            if moe else None,
             "sparse_2of4_layers": sparse,
             "kv_cache": "fp8" if kv_fp8 else "bf16",
             "bandwidth_efficiency": BW_EFF, "flop_efficiency": FLOP_EFF,
             "price": price_of(target, usd_per_hour),
-            "crossover_batch": {"weights_only": crossover_batch(target, wb, params, 0, precision, 0),
-                                f"context_{context}": crossover_batch(target, wb, params, kv, precision, context)},
-            "prefill": prefill(target, wb, params, precision, context, 1, attention_dim(model.config),
+            "crossover_batch": {"weights_only": crossover_batch(target, full, active, 0, precision, 0),
+                                f"context_{context}": crossover_batch(target, full, active, kv, precision, context)},
+            "prefill": prefill(target, pf_read, active, precision, context, 1, attention_dim(model.config),
                                model.config.num_hidden_layers, kv),
-            "points": [decode(target, wb, params, kv, precision, b, context, usd_per_hour) for b in batch_sizes]}
+            "points": points}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,12 +224,11 @@ def served_tensors(model, scheme: str) -> dict:
     import torch
 
     bits, scale_bits, row_scale, _, _, _ = SCHEMES[scheme]
-    cfg = model.config
-    experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+    out = _empty_split(model)
+    experts = out["experts"]
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    out = {"dense_bytes": 0.0, "expert_bytes": 0.0, "dense_params": 0, "expert_params": 0, "embedding_params": 0,
-           "quantized_params": 0}
+    out["quantized_params"] = 0
+    emb = model.get_input_embeddings()
     for name, p in model.named_parameters():  # tied tensors once
         owner, _, leaf = name.rpartition(".")
         n = p.numel()
@@ -178,13 +241,10 @@ def served_tensors(model, scheme: str) -> dict:
             out["quantized_params"] += n
         else:
             nbytes = n * 2
-        if isinstance(model.get_input_embeddings(), torch.nn.Module) and p is model.get_input_embeddings().weight:
-            out["embedding_params"] += 0 if tied else n  # a lookup, not a matmul (tied: it is the lm_head too)
-        key = "expert" if is_expert else "dense"
-        out[f"{key}_bytes"] += nbytes
-        out[f"{key}_params"] += n
-    out["experts"] = experts
-    out["top_k"] = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if experts else 0
+        if isinstance(emb, torch.nn.Module) and p is emb.weight and not out["tied"]:
+            # a lookup, not a matmul (tied: it is the lm_head too)
+            out["embedding_params"], out["embedding_bytes"] = n, nbytes
+        _add(out, is_expert, nbytes, n)
     return out
 
 
@@ -255,15 +315,14 @@ def estimate(config, target: TargetSpec, scheme: str, batch_sizes: list[int], in
     moe = t["experts"] > 0 and t["top_k"] > 0 and t["expert_params"] > 0
     total_bytes = t["dense_bytes"] + t["expert_bytes"]
     params = t["dense_params"] + t["expert_params"]
-    matmul_dense = t["dense_params"] - t["embedding_params"]
-    active = matmul_dense + (t["expert_params"] * t["top_k"] / t["experts"] if moe else t["expert_params"])
+    _, active = traffic(t, 1)
     adim, layers = attention_dim(config), config.num_hidden_layers
     mid, end = input_len + output_len // 2, input_len + output_len
     price = price_of(target, usd_per_hour)
     points = []
     for b in batch_sizes:
         hit = 1 - (1 - t["top_k"] / t["experts"]) ** b if moe else 1.0
-        read = t["dense_bytes"] + t["expert_bytes"] * hit
+        read, _ = traffic(t, b)
         d = decode(target, read, active, kv, precision, b, mid, price["usd_per_hour"])
         pf = prefill(target, read, active, precision, input_len, b, adim, layers, kv)
         total_s = pf["latency_ms_prefill"] / 1e3 + output_len * d["latency_ms_decode"] / 1e3

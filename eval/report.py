@@ -185,6 +185,14 @@ def modeled_notes(report: dict) -> list[str]:
             return ", ".join(f"{'weights only' if k == 'weights_only' else k.replace('_', ' ')}: "
                              + (f"{v:.0f}" if v is not None else "never") for k, v in m["crossover_batch"].items())
         out.append(f"Crossover batch where decode turns compute-bound (MODELED): baseline {cb(mb)}; result {cb(mr)}.")
+    emb, moe = mr.get("embedding") or {}, mr.get("moe")
+    if emb.get("lookup_parameters"):
+        out.append(f"The input embedding ({emb['lookup_parameters'] / 1e6:.2f}M parameters) is a lookup: no FLOPs, "
+                   "and a decode step reads only the rows of its batch's tokens (MODELED).")
+    if moe:
+        out.append(f"MoE (MODELED): {moe['top_k']} of {moe['experts']} experts compute per token "
+                   f"({mr['active_parameters'] / 1e6:.1f}M active parameters); a batch reads the experts it hits "
+                   "under uniform routing.")
     if "prefill" in mr:
         pb, pr = mb["prefill"], mr["prefill"]
         out.append(f"Prefill of {pr['prompt_len']} tokens at batch 1 (MODELED): baseline {pb['latency_ms_prefill']:.3g} "
@@ -312,6 +320,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Cost (measured)", ""] + md_table(measured_cost_table(report))
     if latency_note(report):
         lines.append(f"\n{latency_note(report)}")
+    tt = throughput_table(report)
+    if tt:
+        lines += ["", "### Throughput (measured)", ""] + md_table(tt)
     mt = modeled_table(report)
     if mt:
         lines += ["", f"## Cost on {r['modeled']['target']} (MODELED, roofline; not measured)", ""] + md_table(mt)
@@ -369,9 +380,6 @@ def load(path: str | Path) -> tuple[dict, Path]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid JSON ({e})") from None
     version = report.get("schema_version") if isinstance(report, dict) else None
-    tt = throughput_table(report)
-    if tt:
-        lines += ["", "### Throughput (measured)", ""] + md_table(tt)
     if version not in READABLE_VERSIONS:
         raise InputError(f"{p}: report schema_version {version!r} is not one this compressor reads "
                          f"({', '.join(map(str, READABLE_VERSIONS))}); render it with the compressor that wrote it")
