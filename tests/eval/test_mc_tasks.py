@@ -125,3 +125,18 @@ def test_lm_eval_rolling_and_generation(tiny):
     assert len(ids) > 16 and chunked < 0 and chunked != pytest.approx(full, rel=1e-9)
     with pytest.raises(NotImplementedError, match="generate_until"):
         lm.generate_until([])
+
+
+def test_corpus_task_command_writes_an_lm_eval_task(tmp_path):
+    import json
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i, d in enumerate(_docs(12)):
+        (src / f"d{i:02d}.txt").write_text(d)
+    assert corpus_tasks.main(["--source", str(src), "--num-items", "5", "--seed", "3", "--task", "t5",
+                              "--out", str(tmp_path / "out")]) == 0
+    items = [json.loads(ln) for ln in (tmp_path / "out" / "t5.jsonl").read_text().splitlines()]
+    assert len(items) == 5 and items == corpus_tasks.held_out_items(str(src), 5, seed=3)
+    y = (tmp_path / "out" / "t5.yaml").read_text()
+    assert "task: t5" in y and "output_type: multiple_choice" in y and 'target_delimiter: "\\n"' in y
