@@ -111,6 +111,11 @@ def test_encoder_w8_w4_through_the_pipeline(tmp_path, bert_dir, text_dir, home, 
     assert gates["embedding_cosine"]["passed"] and not gates["perplexity"]["passed"]
     md = (tmp_path / "out-int8" / "report" / "report.md").read_text()
     assert "embedding cosine to the original (mean)" in md
+    # The report re-renders from report.json, and two encoder runs compare.
+    assert run_cli(["report", tmp_path / "out-int8"], capsys)[0] == 0
+    assert "embedding cosine to the original" in (tmp_path / "out-int8" / "report" / "report.html").read_text()
+    rc, out, err = run_cli(["compare", tmp_path / "out-int8", tmp_path / "out-int4"], capsys)
+    assert rc == 0, err
     assert r8["model_bytes"] < rep["int8"]["baseline"]["metrics"]["model_bytes"]
 
     # The exported checkpoint reloads as the same quantized BertModel: bit-identical embeddings.
