@@ -32,6 +32,7 @@ class PlannedVariant:
     reason: str | None = None
     group: str = ""
     passes: list[str] = field(default_factory=list)
+    key: str | None = None  # what the variant computes (variant_key); a finished folder is reused only if it matches
 
 
 @dataclass
@@ -40,7 +41,6 @@ class SweepPlan:
     recipe_name: str
     target: str
     variants: list[PlannedVariant]
-    fingerprint: str
 
     @property
     def runnable(self) -> list[PlannedVariant]:
@@ -100,10 +100,20 @@ def plan_sweep(recipe_path: str, target: str, overrides=(), model_override: str 
             first = plan.transforms[0].name if plan.transforms else None
             pv.group = key_of(r.model.source, r.model.dtype, r.calibration and r.calibration.model_dump(mode="json"),
                               first)
+            pv.key = variant_key(r.model_dump(mode="json", exclude={"path"}), target)
         planned.append(pv)
-    text = Path(recipe_path).read_bytes()
-    fp = key_of("sweep", text.decode("utf-8", "replace"), list(overrides), model_override, target)
-    return SweepPlan(file, recipe.name, target, planned, fp)
+    return SweepPlan(file, recipe.name, target, planned)
+
+
+def variant_key(recipe_dump: dict, target: str) -> str:
+    """Identity of a variant's run: its resolved recipe (as manifest.json records it) less its name, description,
+    sweep section and line numbers, and the target."""
+    from compressor.cache import key_of
+
+    d = {k: v for k, v in recipe_dump.items() if k not in ("name", "description", "sweep", "path")}
+    for sec in ("passes", "export"):
+        d[sec] = [{k: v for k, v in p.items() if k != "line"} for p in d.get(sec) or []]
+    return key_of("variant", target, d)
 
 
 def _origin(v, err_key: str | None) -> tuple | None:
@@ -148,11 +158,7 @@ def run_sweep(recipe_path: str, target: str, out: str | Path | None = None, *, e
     if not plan.runnable:
         raise InputError(f"{recipe_path}: no variant of the sweep can run on {target}: "
                          + "; ".join(f"{v.name}: {v.reason}" for v in plan.variants))
-    results: dict[str, dict] = {}
-    for v in plan.runnable:
-        if (vdir / v.name / "report" / "report.json").is_file():
-            results[v.name] = (previous.get(v.name) or {"status": "ok", "seconds": 0.0, "saved": {}, "attempts": 1}) \
-                | {"resumed": True}
+    results = _finished(vdir, plan, previous)
     if results:
         log.info("sweep: resuming: %d of %d variants already finished in %s (%s)", len(results), len(plan.runnable),
                  out, ", ".join(results))
@@ -217,28 +223,43 @@ def _hms(s: float) -> str:
 
 
 def _open_out(out: Path, plan: SweepPlan) -> dict:
-    """OUT is new, or a folder of the same sweep (resume: -> its finished variants' outcomes)."""
+    """OUT is new, or a sweep's folder (resume: -> the outcomes it recorded)."""
     f = out / SWEEP_FILE
     if f.is_file():
         try:
-            state = json.loads(f.read_text())
+            return json.loads(f.read_text()).get("results", {})
         except ValueError:
-            state = {}
-        if state.get("fingerprint") != plan.fingerprint:
-            raise InputError(f"{out} holds another sweep (a different recipe, target or overrides); choose another "
-                             "--out, or delete it to start over")
-        return state.get("results", {})
+            return {}
     if out.exists() and any(out.iterdir()):
         raise InputError(f"output folder {out} exists and is not a sweep's; choose another --out")
     return {}
 
 
+def _finished(vdir: Path, plan: SweepPlan, previous: dict) -> dict[str, dict]:
+    """Variants whose folder is complete (run_recipe renames it into place when done) and was made by the same
+    variant (its manifest's recipe and target give the same variant_key): they are not run again."""
+    done, changed = {}, []
+    for v in plan.runnable:
+        folder = vdir / v.name
+        if not (folder / "report" / "report.json").is_file():
+            continue
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if variant_key(manifest["recipe"], manifest["target"]) != v.key:
+            changed.append(v.name)
+            continue
+        rec = previous.get(v.name) or {"status": "ok", "seconds": 0.0, "saved": {}, "attempts": 1}
+        done[v.name] = rec | {"resumed": True}
+    if changed:
+        raise InputError(f"{vdir}: {', '.join(changed)} finished with a different recipe or target than the sweep "
+                         "now asks for; delete those folders to run them again, or choose another --out")
+    return done
+
+
 def _write_state(out: Path, plan: SweepPlan, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    state = {"schema_version": 1, "fingerprint": plan.fingerprint, "recipe": plan.recipe_path,
-             "target": plan.target,
+    state = {"schema_version": 1, "recipe": plan.recipe_path, "target": plan.target,
              "variants": [{"name": v.name, "status": v.status, "reason": v.reason, "overrides": v.overrides,
-                           "passes": v.passes} for v in plan.variants],
+                           "passes": v.passes, "key": v.key} for v in plan.variants],
              "results": results}
     tmp = out / f".{SWEEP_FILE}.tmp"
     tmp.write_text(json.dumps(state, indent=1, default=str) + "\n")

@@ -4,6 +4,7 @@ second sweep served from the cache, and a resumed sweep that skips the variants 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -113,7 +114,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_variants(sweep_recip
     assert quality(_by_name(s3.report)["int4-g16"]["metrics"]) == quality(v["int4-g16"]["metrics"])
 
 
-def test_another_sweep_into_the_same_folder_is_refused(sweep_recipe, tmp_path, home):
+def test_resume_refuses_a_variant_whose_recipe_changed(sweep_recipe, tmp_path, home, capsys):
+    from compressor.cli import main
     from compressor.errors import InputError
 
     out = tmp_path / "s"
@@ -122,9 +124,20 @@ def test_another_sweep_into_the_same_folder_is_refused(sweep_recipe, tmp_path, h
     with pytest.raises(InputError, match="is not a sweep's"):
         run_sweep(str(sweep_recipe()), "h200", out)
     (out / "x").unlink()
-    (out / "sweep.json").write_text(json.dumps({"fingerprint": "other"}))
-    with pytest.raises(InputError, match="holds another sweep"):
-        run_sweep(str(sweep_recipe()), "h200", out)
+    one = "  variants:\n    - {name: int4-g32, set: {passes.0.format: int4, passes.0.granularity: per_group, " \
+          "passes.0.group_size: 32}}\n"
+    assert run_sweep(str(sweep_recipe(one)), "h200", out, quiet=True).exit_code == 1  # KL gate fails
+    # a variant added to the recipe runs; the finished one is kept (the report re-renders with both)
+    two = one + "    - {name: int8, set: {passes.0.granularity: per_channel}}\n"
+    s = run_sweep(str(sweep_recipe(two)), "h200", out, quiet=True)
+    assert s.report["sweep"]["resumed"] == 1 and s.report["sweep"]["ran"] == 1 and s.exit_code == 0
+    rc = main(["report", str(out)])
+    assert rc == 0 and "## Sweep" in (out / "report" / "report.md").read_text()
+    # the same name with another configuration is not silently reused
+    with pytest.raises(InputError, match="int4-g32 finished with a different recipe or target"):
+        run_sweep(str(sweep_recipe(two.replace("group_size: 32", "group_size: 16"))), "h200", out, quiet=True)
+    with pytest.raises(InputError, match="int4-g32, int8 finished with a different recipe or target"):
+        run_sweep(str(sweep_recipe(two)), "b200", out, quiet=True)
 
 
 def test_schedule_runs_each_groups_first_variant_before_the_rest():
@@ -149,3 +162,26 @@ def test_schedule_runs_each_groups_first_variant_before_the_rest():
         done = log.index(("done", leader))
         assert all(log.index(next(e for e in log if e[:2] == ("start", r))) > done for r in rest)
     assert sorted(n for k, n, *_ in log if k == "done") == ["a1", "a2", "a3", "b1", "b2"] and len(order) == 10
+
+
+def test_variants_sharing_calibration_statistics_compute_them_once_in_a_process_pool(sweep_recipe, text_dir,
+                                                                                     tmp_path, home):
+    """Two SmoothQuant strengths read the same per-channel activation maxima of the original model: with two
+    processes, the second SmoothQuant variant waits for the first (its group's leader) and reads them from the
+    cache, while the RTN variant (another group) runs beside the first."""
+    sq = ("[{{pass: smoothquant, alpha: {a}}}, {{pass: quantize_rtn, format: int8, granularity: per_channel, "
+          "activations: {{format: int8, dynamic: true}}}}]")
+    recipe = sweep_recipe("  variants:\n"
+                          f"    - {{name: sq-a05, passes: {sq.format(a=0.5)}}}\n"
+                          f"    - {{name: sq-a08, passes: {sq.format(a=0.8)}}}\n"
+                          "    - {name: int8, set: {passes.0.granularity: per_channel}}\n")
+    recipe.write_text(recipe.read_text().replace("export: []", f"export: []\ncalibration:\n  source: {text_dir}\n"
+                                                 "  num_samples: 8\n  seq_len: 64"))
+    s = run_sweep(str(recipe), "h200", tmp_path / "s", parallel=2, quiet=True)
+    v = _by_name(s.report)
+    assert [x["status"] for x in v.values()] == ["ok", "ok", "ok"]
+    assert "calib-stats" not in v["sq-a05"]["saved_by_kind"] and v["sq-a08"]["saved_by_kind"]["calib-stats"] > 0
+    assert s.report["sweep"]["saved_by_kind"]["calib-stats"] == v["sq-a08"]["saved_by_kind"]["calib-stats"]
+    pids = {n: int((tmp_path / "s" / "variants" / f".{n}.attempts").read_text().split()[0]) for n in v}
+    assert os.getpid() not in pids.values()  # each variant ran in a pool process
+    assert v["sq-a05"]["metrics"]["kl_divergence"] != v["sq-a08"]["metrics"]["kl_divergence"]
