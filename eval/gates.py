@@ -46,6 +46,8 @@ def _bound(g, baseline: dict, result: dict) -> tuple[float | None, str | None, d
     """(bound of the gated quantity at the gate's confidence, why not, bootstrap settings used)."""
     from compressor.eval import stats
 
+    if g.metric in ("accuracy", "accuracy_norm"):
+        return _task_bound(g, baseline, result)
     sets = result.get("eval_sets", {})
     name = g.eval_set or next(iter(sets), None)
     win = stats.window_inputs(baseline.get("eval_sets", {}).get(name, {}), sets.get(name, {})) if name else None
@@ -65,6 +67,29 @@ def _bound(g, baseline: dict, result: dict) -> tuple[float | None, str | None, d
     upper = g.kind != "min"
     b = stats.bound(sign * draws[stat], g.confidence, upper=upper)
     return b, None, {"eval_set": name, "resamples": resamples, "seed": seed}
+
+
+def _task_bound(g, baseline: dict, result: dict) -> tuple[float | None, str | None, dict | None]:
+    """The bound of an accuracy gate: a paired bootstrap over the primary task's items (eval/mc.py)."""
+    import numpy as np
+
+    from compressor.eval import stats
+    from compressor.eval.mc import mean_draws
+
+    task = result.get("primary_task")
+    key = "correct" if g.metric == "accuracy" else "correct_norm"
+    res = (result.get("tasks") or {}).get(task, {}).get(key)
+    base = (baseline.get("tasks") or {}).get(task, {}).get(key)
+    if not res or not base or len(res) != len(base):
+        return None, f"{g.metric} has no per-item data in this run: no bootstrap bound", None
+    boot = result.get("bootstrap", {})
+    resamples, seed = boot.get("resamples", 2000), boot.get("seed", 0)
+    d = mean_draws(np.asarray([res, base], dtype=np.float64).T, resamples, seed)  # (resamples, [result, base])
+    r, b = d[:, 0], d[:, 1]
+    gated = {"max": r, "min": r, "max_increase": r - b, "max_decrease": b - r,
+             "max_increase_pct": (r - b) / np.abs(b) * 100, "max_decrease_pct": (b - r) / np.abs(b) * 100}[g.kind]
+    return stats.bound(gated, g.confidence, upper=g.kind != "min"), None, {"task": task, "resamples": resamples,
+                                                                          "seed": seed}
 
 
 def evaluate(gates, baseline: dict, result: dict) -> list[dict]:

@@ -113,3 +113,25 @@ def test_ort_throughput_per_batch(tmp_path, tiny_model_dir):
             assert p[k]["n"] == 3 and 0 < p[k]["min"] <= p[k]["median"] <= p[k]["max"]
     # Batching amortises the per-step cost: 4 sequences decode more tokens per second than 1.
     assert t["points"][1]["decode_tokens_per_s"]["median"] > t["points"][0]["decode_tokens_per_s"]["median"]
+
+
+def test_accuracy_gate_with_confidence_bounds_the_paired_drop():
+    """An accuracy gate judged at a confidence uses the paired bootstrap over the primary task's items (ready for
+    when the recipe allows `confidence` on accuracy; built here with model_construct)."""
+    from compressor.eval.gates import evaluate
+    from compressor.recipe import GateSpec
+
+    base_c = [1] * 80 + [0] * 20
+    res_c = [1] * 76 + [0] * 24  # the result loses exactly 4 of the baseline's 80 right answers
+    baseline = {"accuracy": 0.8, "tasks": {"t": {"correct": base_c}}}
+    result = {"accuracy": 0.76, "primary_task": "t", "tasks": {"t": {"correct": res_c}},
+              "bootstrap": {"resamples": 2000, "seed": 0}}
+    loose = GateSpec.model_construct(metric="accuracy", max_decrease=0.1, confidence=0.95)
+    tight = GateSpec.model_construct(metric="accuracy", max_decrease=0.05, confidence=0.95)
+    plain = GateSpec(metric="accuracy", max_decrease=0.05)
+    g_loose, g_tight, g_plain = evaluate([loose, tight, plain], baseline, result)
+    assert g_plain["passed"] and g_plain["measured"] == pytest.approx(0.04)
+    # The drop's upper 95% bound: 4 items move, so the paired drop is 4/100 x (draws of those items) < 0.1 ...
+    assert g_loose["passed"] and 0.04 < g_loose["bound"] < 0.1
+    # ... but above 0.05: the point value passes a 5-point limit, the bound at 95% does not.
+    assert not g_tight["passed"] and g_tight["bound"] > 0.05 and g_tight["bootstrap"]["task"] == "t"
