@@ -90,9 +90,17 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], max_len: i
         # A choice whose first token merges with the context has its own context prefix: one batch per prefix.
         for prefix in dict.fromkeys(tuple(p[0]) for p in pairs.values()):  # first-seen order: reproducible
             idx = [i for i in group if tuple(pairs[i][0]) == prefix]
-            for i, r in zip(idx, continuation_logprobs(model, list(prefix), [pairs[i][1] for i in idx], max_len)):
+            ctx = list(prefix) or _start_token(tokenizer)  # an empty context is conditioned on EOS (as lm-eval's HF)
+            for i, r in zip(idx, continuation_logprobs(model, ctx, [pairs[i][1] for i in idx], max_len)):
                 out[i] = r
     return out
+
+
+def _start_token(tokenizer) -> list[int]:
+    tok = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if tok is None:
+        raise ValueError("an empty context needs an EOS or BOS token to condition on; this tokenizer has neither")
+    return [tok]
 
 
 def score_items(model, tokenizer, items: list[dict], delimiter: str = " ", max_len: int | None = None,

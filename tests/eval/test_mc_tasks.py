@@ -140,3 +140,11 @@ def test_corpus_task_command_writes_an_lm_eval_task(tmp_path):
     assert len(items) == 5 and items == corpus_tasks.held_out_items(str(src), 5, seed=3)
     y = (tmp_path / "out" / "t5.yaml").read_text()
     assert "task: t5" in y and "output_type: multiple_choice" in y and 'target_delimiter: "\\n"' in y
+
+
+def test_empty_context_is_conditioned_on_eos(tiny):
+    model, tok = tiny
+    (ll, _), = mc.score_requests(model, tok, [("", "the king")])
+    ids = tok("the king", add_special_tokens=False)["input_ids"]
+    (ref, _), = mc.continuation_logprobs(model, [tok.eos_token_id], [ids])
+    assert ll == ref < 0
