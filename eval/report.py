@@ -261,6 +261,7 @@ def sweep_table(report: dict) -> Table | None:
             secs += " resumed"
         if "metrics" not in v:
             why = (v.get("reason") or "").splitlines()[0] if v.get("reason") else ""
+            why = why if len(why) <= 90 else why[:87] + "..."  # the whole reason is in the notes below
             rows.append([f"`{v['name']}`", f"**{v['status']}**" if v["status"] == "error" else v["status"], "-",
                          why, "", "", "", "", "", "", "", secs])
             continue
