@@ -84,6 +84,10 @@ def run_recipe(recipe_path: str, target: str, out: str | Path | None = None, *, 
     recipe = plan.recipe
     out = Path(out) if out else Path("out") / recipe.name
     check_output(out, overwrite)  # before loading anything: a refused run costs nothing
+    if recipe.model.streaming:  # larger than memory: one decoder block at a time (compressor.streaming)
+        from compressor.streaming import run_streaming
+
+        return run_streaming(plan, out, overwrite=overwrite, quiet=quiet, t_start=t_start)
     cache = Cache(assets.home() / "cache", enabled=use_cache)
     from compressor.model import load_model
 
@@ -218,6 +222,13 @@ def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_k
     return meta, secs, False
 
 
+def _model_notes(recipe) -> list[str]:
+    if recipe.model.trust_remote_code:
+        return [f"WARNING: trust_remote_code was on (model.trust_remote_code): this run ran code shipped with the "
+                f"checkpoint {recipe.model.source}"]
+    return []
+
+
 def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, artifacts, compress_seconds,
                          n_params: int, compress_rss: float) -> dict:
     from compressor.eval import gates as gates_mod
@@ -246,7 +257,7 @@ def _evaluate_and_report(plan: Plan, handle, ctx, cache, stage_key, provenance, 
         "gates": gate_results,
         "artifacts": artifacts,
         # Passes say what they could not do (e.g. "engine not built: TensorRT not installed") in info["notes"].
-        "notes": [n for p in provenance for n in p.get("info", {}).get("notes", [])] + notes,
+        "notes": _model_notes(recipe) + [n for p in provenance for n in p.get("info", {}).get("notes", [])] + notes,
     }
     report_mod.write(report, ctx.workdir / "report")
     return report

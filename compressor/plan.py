@@ -99,6 +99,10 @@ def build_plan(recipe: Recipe, target: TargetSpec, lines: dict) -> Plan:
         produced.add(info.produces)
         planned.append(PlannedPass(section, i, entry, info, cfg))
     plan = Plan(recipe, target, planned, verdicts)
+    if recipe.model.streaming:  # larger than memory: what a streamed run can do (compressor.stream_plan)
+        from compressor import stream_plan
+
+        stream_plan.check(recipe, lines)
     plan.estimate = estimate(plan)
     return plan
 
@@ -148,6 +152,12 @@ def estimate(plan: Plan) -> dict[str, Any]:
     factor = max([p.info.memory_factor for p in plan.passes] or [1.0])
     # The eval holds the baseline beside the result, plus activations for one window.
     peak = model_bytes * factor + (model_bytes if plan.recipe.eval else 0)
+    streamed = {}
+    if plan.recipe.model.streaming:  # one unit at a time: the peak does not grow with the model
+        from compressor import stream_plan
+
+        streamed = stream_plan.estimate(plan, tensors)
+        peak = streamed["peak_memory_bytes"]
     out_bytes = 0
     for p in plan.passes:
         if p.info.output_bytes is None:
@@ -158,7 +168,7 @@ def estimate(plan: Plan) -> dict[str, Any]:
         else:
             tensors = after
     return {"known": True, "parameters": n_params, "model_bytes": model_bytes,
-            "peak_memory_bytes": int(peak), "output_bytes": int(out_bytes)}
+            "peak_memory_bytes": int(peak), "output_bytes": int(out_bytes), **streamed}
 
 
 def render(plan: Plan) -> str:
@@ -181,6 +191,11 @@ def render(plan: Plan) -> str:
     if e.get("known"):
         lines.append(f"estimate: {e['parameters'] / 1e6:.1f}M parameters, model {e['model_bytes'] / 1e6:.0f} MB, "
                      f"peak memory ~{e['peak_memory_bytes'] / 1e9:.2f} GB, outputs ~{e['output_bytes'] / 1e6:.0f} MB")
+        if e.get("streaming"):
+            s = e["streaming"]
+            lines.append(f"streaming: {s['units']} units one at a time; peak = base {s['base'] / 1e9:.2f} + largest "
+                         f"unit {s['largest_unit'] / 1e9:.2f} + read {s['read'] / 1e9:.2f} + quantize "
+                         f"{s['quantize_work'] / 1e9:.2f} + activations {s['activations_in_memory'] / 1e9:.2f} GB")
     else:
         lines.append(f"estimate: {e.get('reason')}")
     if r.eval:

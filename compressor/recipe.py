@@ -62,6 +62,8 @@ class ModelSpec(Strict):
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    streaming: bool = Field(False, description="compress a checkpoint larger than memory one decoder block at a "
+                            "time (quantize_rtn / quantize_gptq + export_checkpoint, no eval; compressor.streaming)")
 
 
 class DataSpec(Strict):
