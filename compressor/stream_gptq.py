@@ -155,18 +155,27 @@ class StreamGPTQ:
                     block(self.store.get(i), **self.kw)
         except NonFiniteActivation as e:
             raise PassError(NAME, [], str(e)) from None
+        users: dict[int, int] = {}
+        for ln, _ in layers:
+            users[id(hstats.get(ln))] = users.get(id(hstats.get(ln)), 0) + 1
         for ln, lin in layers:
-            st = hstats.get(ln)
+            st = hstats.pop(ln, None)
             if st is None or st.n == 0:
                 raise PassError(NAME, [], f"{ln} received no calibration tokens")
+            h = st.hessian
+            users[id(st)] -= 1
+            if not users[id(st)]:  # its last layer: free X^T X before GPTQ's own float64 copies of H
+                st.xtx = None
+            del st
             mask = lin.weight.data != 0 if ln in self.pruned else None  # pruned weights stay exactly zero
             try:
-                r = gptq_quantize(lin.weight.data, st.hessian, cfg.bits, cfg.group_size, cfg.symmetric,
+                r = gptq_quantize(lin.weight.data, h, cfg.bits, cfg.group_size, cfg.symmetric,
                                   cfg.dampening_frac, cfg.block_size, cfg.act_order, cfg.max_damp_retries,
                                   cfg.observer, mask)
             except HessianNotPositiveDefinite as e:
                 raise PassError(NAME, [], f"{ln}: Hessian not positive definite after {cfg.max_damp_retries} "
                                 f"retries ({e}); raise dampening_frac (now {cfg.dampening_frac})") from None
+            del h
             ql = install_quantized(self.model, ln, lin, r.quantized, cfg.format, cfg.group_size, cfg.symmetric, 0, act)
             deq = ql.dequantized_weight()
             if not torch.isfinite(deq).all():

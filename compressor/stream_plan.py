@@ -10,8 +10,9 @@ model. The estimate, from the checkpoint's headers:
            (+ the largest tensor as read when the run's dtype differs from the checkpoint's)
          + quantization working memory of its largest Linear: RTN ~ WORK_RTN x its float32 size
            (float32 copies, codes, dequantized check, float64 SQNR)
-         + GPTQ: every Linear's float64 Hessian of the block, GPTQ's float64 working set for the widest layer
-           (H, its Cholesky factors, W, Q), and the calibration activations if they are kept in memory
+         + GPTQ: the larger of the block's float64 Hessians and GPTQ's float64 working set for the widest
+           layer (copies of H, its Cholesky factors, W, Q), the tokenized calibration corpora, and the
+           calibration activations if they are kept in memory
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SUPPORTED = ("quantize_rtn", "quantize_gptq")
 EXPORT = "export_checkpoint"
 BASE_BYTES = 410e6  # measured: python + torch + transformers + tokenizers, the meta model and the tokenizer
 WORK_RTN = 7.5  # measured peak of the RTN pass over one 11008 x 4096 Linear: 1.28 GB, 7.4 float32 copies of it
+GPTQ_H = 6  # measured: float64 copies of a layer's Hessian alive at once inside _gptq_math.gptq_quantize
+CALIBRATION = 120e6  # measured: the calibration corpora read and tokenized (datasets, token lists)
 ACTIVATIONS_IN_MEMORY = 256 << 20  # calibration activations above this go to a file in the output's temp folder
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -102,13 +105,15 @@ def estimate(plan, tensors: list) -> dict:
         if quant.name == "quantize_rtn":
             work[u] = WORK_RTN * 4 * max(math.prod(s) for s in shapes)
             continue
-        # GPTQ: a float64 Hessian per Linear input held for the whole block, then for the widest layer
-        # H, its Cholesky factors and inverse (4 in^2) and W, Q and the updates (3 out x in), in float64.
+        # GPTQ: the block's float64 Hessians (one per Linear input) while the windows run through it; then,
+        # quantizing the widest layer (its Hessian alone left), GPTQ's float64 copies of H (the argument, the
+        # permuted copy, the damped copy, its Cholesky factor, the inverse and its factor: GPTQ_H x in^2) and
+        # of W, Q and the updates (3 x out x in).
         out, inp = max(shapes, key=lambda s: s[1] * (s[1] + s[0]))
         c = recipe.calibration
         # One window through the block: a few (L, widest output) float32 activations of the MLP.
         row = 4 * c.seq_len * max(s[0] for s in shapes) * 4
-        work[u] = sum(8 * s[1] ** 2 for s in shapes) + 8 * (4 * inp * inp + 3 * out * inp) + row
+        work[u] = max(sum(8 * s[1] ** 2 for s in shapes), 8 * (GPTQ_H * inp * inp + 3 * out * inp)) + row + CALIBRATION
         act_bytes = c.num_samples * c.seq_len * shapes[0][1] * size
         acts = act_bytes if act_bytes <= ACTIVATIONS_IN_MEMORY else 0
     peak_unit = max(units, key=lambda u: units[u] + work.get(u, 0))
