@@ -215,6 +215,7 @@ def _stream(plan, folder: Path, ctx) -> tuple[list[Path], dict, dict]:
 
     from compressor.checkpoint_io import FORMAT_VERSION, QUANT_METHOD, quantized_layers
     from compressor.context import RunContext
+    from compressor.eval.measure import peak_rss_mb
     from compressor.stream_io import CheckpointReader, ShardWriter
     from transformers import AutoTokenizer
 
@@ -263,8 +264,9 @@ def _stream(plan, folder: Path, ctx) -> tuple[list[Path], dict, dict]:
         release_freed_memory()
         if is_block:
             done, secs = k + 1, time.perf_counter() - t0
-            log.info("stream: %s done (%d/%d units, %.0f s, ETA %.0f s)", name, done, len(todo), secs,
-                     secs / done * (len(todo) - done))
+            log.info("stream: %s done (%d/%d units, %.0f s, ETA %.0f s, peak RSS %.2f GB)", name, done, len(todo),
+                     secs, secs / done * (len(todo) - done), peak_rss_mb() / 1024)
+    info = summary() if summary is not None else {}  # (closes GPTQ's activation store)
     if scratch is not None:
         scratch.cleanup()
     files = writer.finish()
@@ -277,7 +279,6 @@ def _stream(plan, folder: Path, ctx) -> tuple[list[Path], dict, dict]:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     tok.save_pretrained(out)
-    info = summary() if summary is not None else {}
     info["max_resident_weight_bytes"] = peak_resident
     export_info = {"quantized_layers": len(layers), "shards": len(files), "bytes": writer.total}
     log.info("stream: wrote %s (%d shards, %.2f GB, %d quantized layers); at most %.2f GB of weights held at once",
