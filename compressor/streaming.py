@@ -161,6 +161,18 @@ def skeleton(name: str, unit):
     return root
 
 
+def return_large_blocks() -> None:
+    """Ask glibc to serve every allocation of 4 MB or more by its own mapping, returned to the OS when freed
+    (M_MMAP_THRESHOLD; glibc's default threshold rises to 32 MB as large blocks are freed, and freed blocks below
+    it stay resident). Measured on a GPTQ run: 11% lower peak, ~15% slower. Streamed runs only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_freed_memory() -> None:
     """Hand the unit's freed heap back to the OS (glibc keeps freed blocks under 32 MB in its arenas, which
     would otherwise count in the resident set as the next unit is read)."""
@@ -220,6 +232,7 @@ def _stream(plan, folder: Path, ctx) -> tuple[list[Path], dict, dict]:
     from transformers import AutoTokenizer
 
     recipe = plan.recipe
+    return_large_blocks()
     model = meta_model(folder, recipe.model.dtype)
     try:
         tok = AutoTokenizer.from_pretrained(folder)
