@@ -53,6 +53,9 @@ def test_plan_estimate_does_not_grow_with_layers(tmp_path):
         m = generate("tiny", tmp_path / f"m{layers}", layers=layers)
         plan = load_and_plan(str(REPO / "recipes/stream-w4a16-rtn.yaml"), "h200", model_override=str(m))
         est[layers] = plan.estimate
+    from compressor.plan import render
+
+    assert f"streaming: {8 + 3} units one at a time; peak = base 0.41" in render(plan)
     assert est[8]["model_bytes"] > 3 * est[2]["model_bytes"] * 0.9
     assert est[2]["peak_memory_bytes"] == est[8]["peak_memory_bytes"]
     s = est[8]["streaming"]
