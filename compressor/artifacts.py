@@ -10,10 +10,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from compressor.errors import InputError
+
+# Set by the CLI's SIGINT handler: a run that was interrupted never renames its output into place.
+INTERRUPTED = threading.Event()
 
 
 def sha256_file(path: Path) -> str:
@@ -37,12 +41,16 @@ def atomic_output(out: Path, overwrite: bool):
     out = Path(out).absolute()
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    remove_stale(out)
+    check_output(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
     try:
         yield tmp
+        if INTERRUPTED.is_set():  # Ctrl-C came, and something swallowed its KeyboardInterrupt: do not publish
+            raise KeyboardInterrupt
         _normalise_modes(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        if os.path.lexists(out):  # an earlier output, or a symlink (moved aside itself, never followed)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -51,6 +59,35 @@ def atomic_output(out: Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Delete the temporary siblings (`.NAME.partial-PID-*`, `.NAME.old-PID-*`) that a run killed before it could
+    clean up (SIGKILL, power loss) left next to `out`; those of a process still running are kept."""
+    import glob
+
+    removed = []
+    for p in sorted(out.parent.glob(glob.escape(f".{out.name}.") + "*-*-*")):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or p.is_symlink() or not p.is_dir() \
+                or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists() and (p / "x").is_dir() and not (p / "x").is_symlink():
+            os.replace(p / "x", out)  # killed between moving the previous output aside and the new one in
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def _normalise_modes(root: Path) -> None:
@@ -67,8 +104,18 @@ def _normalise_modes(root: Path) -> None:
             os.chmod(p, (0o777 if os.stat(p).st_mode & 0o100 else 0o666) & ~mask)
 
 
-def describe_artifact(root: Path, rel: str, kind: str) -> dict:
+def inside(root: Path, rel: str) -> Path:
+    """root / rel, refused unless it stays inside root (no `..`, absolute path or symlink leading out): names that
+    come from recipes, checkpoints or cache entries never address a file outside the output folder."""
+    root = Path(root)
     p = root / rel
+    if os.path.isabs(rel) or not p.resolve().is_relative_to(root.resolve()):
+        raise InputError(f"{rel!r} would be written outside the output folder {root}")
+    return p
+
+
+def describe_artifact(root: Path, rel: str, kind: str) -> dict:
+    p = inside(root, rel)
     files = [p] + ([p.with_name(p.name + ".data")] if p.with_name(p.name + ".data").exists() else [])
     return {"kind": kind, "path": rel, "bytes": sum(f.stat().st_size for f in files), "sha256": sha256_file(p)}
 

@@ -38,12 +38,39 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+        for k, v in header.items():
+            if k != "__metadata__":
+                _check_tensor_entry(k, v)
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             raise ValueError(f"tensors need {8 + n + end} bytes, file has {size} (truncated or padded)")
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise InputError(f"corrupt safetensors file {path}: {e}") from None
     return header
+
+
+# Bytes per element of each safetensors dtype (sub-byte ones are stored packed by us, never by safetensors).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_tensor_entry(name: str, v) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, and offsets spanning exactly its bytes."""
+    if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= set(v):
+        raise ValueError(f"tensor {name}: header entry lacks dtype, shape or data_offsets")
+    dtype, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise ValueError(f"tensor {name}: data_offsets {offs!r} are not [begin, end]")
+    if dtype in _DTYPE_BYTES:
+        n = _DTYPE_BYTES[dtype]
+        for d in shape:
+            n *= d
+        if n != offs[1] - offs[0]:
+            raise ValueError(f"tensor {name}: shape {shape} of {dtype} needs {n} bytes, its offsets span "
+                             f"{offs[1] - offs[0]}")
 
 
 def quantized_layers(model) -> dict[str, dict]:

@@ -293,7 +293,33 @@ def assets_cmd(quiet, fixtures):
             click.echo(f"{name:14} {p}")
 
 
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: remember it (the output is then never published, even if a library swallowed the exception),
+    and interrupt whatever runs now."""
+    from compressor.artifacts import INTERRUPTED
+
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    from compressor.artifacts import INTERRUPTED
+
+    INTERRUPTED.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cli.main(args=argv, prog_name="compress", standalone_mode=False)
@@ -306,17 +332,47 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as e:
         click.echo(f"gate failed: {e}", err=True)
         return 1
-    except CompressorError as e:
-        # exit 2 is the user's input: one line (messages quoted from libraries may span several)
+    except Exception as e:  # noqa: BLE001 - the disk or memory ran out: not a bug, say which
+        fault = resource_fault(e)
+        if fault is None:
+            return _error(e)
+        click.echo(f"error: {fault}", err=True)
+        return 2
+    return 0
+
+
+def resource_fault(e: BaseException) -> str | None:
+    """A one-line description if `e` (or an exception it was raised from) is the disk filling up or memory
+    running out, else None."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            return f"out of disk space{where} ({e.strerror or e})"
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return "out of memory (MemoryError)" if isinstance(e, MemoryError) else f"out of memory ({e.strerror})"
+        text = str(e)
+        for needle in ("can't allocate memory", "Cannot allocate memory", "No space left on device",
+                       "File too large", "Disk quota exceeded"):
+            if needle in text:
+                kind = "memory" if "alloc" in needle else "disk space"
+                return f"out of {kind}: {' '.join(text.split())[:300]}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _error(e: Exception) -> int:
+    if isinstance(e, CompressorError):
         click.echo(f"error: {' '.join(str(e).split()) if e.exit_code == 2 else e}", err=True)
         if e.exit_code == 3:
-            traceback.print_exc()
+            traceback.print_exception(e)
         return e.exit_code
-    except Exception:  # noqa: BLE001 - a bug: show it whole
-        traceback.print_exc()
-        click.echo("internal error (exit 3): please report it with the traceback above", err=True)
-        return 3
-    return 0
+    traceback.print_exception(e)  # a bug: show it whole
+    click.echo("internal error (exit 3): please report it with the traceback above", err=True)
+    return 3
 
 
 def entry() -> None:

@@ -20,7 +20,8 @@ class RecipeError(CompressorError):
         if line is not None:
             where += f":{line}"
         prefix = f"{where}: " + (f"{key}: " if key else "")
-        super().__init__(prefix + message)
+        # one line, whatever a key or value quoted from the recipe holds
+        super().__init__((prefix + message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class TargetError(CompressorError):

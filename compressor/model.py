@@ -38,6 +38,11 @@ def _auto_class(model_type: str | None):
     return AutoModel if model_type in ENCODER_MODEL_TYPES else AutoModelForCausalLM
 
 
+def _quantized_modules(model):
+    from compressor.kernels.qlinear import QuantLinear
+
+    return (m for m in model.modules() if isinstance(m, QuantLinear))
+
 
 @dataclass
 class ModelHandle:
@@ -150,13 +155,15 @@ def load_model(spec: ModelSpec) -> ModelHandle:
     assert path is not None
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has no config.json: not a Hugging Face model folder")
+    _check_remote_code(path, trust)
     weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-        what = f"only pickle weights ({', '.join(p.name for p in pickles)})" if pickles else "no weight files"
-        raise InputError(f"{path} has {what}; compressor loads safetensors only (convert with save_pretrained)")
+    if not weights:  # pickle weights: only tensors (weights_only=True), converted once into the cache
+        path = _convert_pickles(path)
+        weights = sorted(path.glob("*.safetensors"))
     for w in weights:
         check_safetensors(w)
+    if checkpoint_io.read_quantization_config(path) is None:
+        _check_shapes(path, weights, trust)
     fingerprint = _sha256_files([path / "config.json", *weights])
     qcfg = checkpoint_io.read_quantization_config(path)
     try:
@@ -205,8 +212,134 @@ def _load_compressed(path: Path, qcfg: dict, dtype, trust: bool):
     return model
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _check_remote_code(path: Path, trust: bool) -> None:
+    """A checkpoint whose config maps to its own Python code (`auto_map`) for an architecture transformers does not
+    know is refused unless the recipe sets model.trust_remote_code; a known one loads transformers' own class."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path / 'config.json'} is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path / 'config.json'} is not a JSON object")
+    auto = cfg.get("auto_map")
+    if not auto or trust:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if cfg.get("model_type") in CONFIG_MAPPING:
+        log.warning("%s ships its own model code (auto_map); loading transformers' built-in %s instead",
+                    path, cfg["model_type"])
+        return
+    files = sorted({str(v).split(".")[0] + ".py" for v in (auto.values() if isinstance(auto, dict) else [])
+                    if isinstance(v, str)})
+    raise InputError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} runs the checkpoint's own code "
+                     f"({', '.join(files) or 'auto_map'}); refused unless the recipe sets "
+                     "model.trust_remote_code: true")
+
+
+def _convert_pickles(path: Path) -> Path:
+    """A folder with only pickle weights (.bin/.pt): each file is read with torch.load(weights_only=True), which
+    refuses any pickle that would construct objects or call functions, and the tensors are written as safetensors
+    (with the folder's config and tokenizer) into a cache entry keyed by the files' hash. Returns that folder."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from compressor.cache import Cache
+
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles:
+        raise InputError(f"{path} has no weight files (*.safetensors, or pickle *.bin / *.pt)")
+    state: dict = {}
+    for f in pickles:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError and friends: never retried unsafely
+            why = " ".join(str(e).split())[:200]
+            raise InputError(f"refused {f}: {path} has only pickle weights, and this file is not loadable with "
+                             f"torch.load(weights_only=True), so loading it could run code ({type(e).__name__}: "
+                             f"{why})") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in part.items()):
+            raise InputError(f"refused {f}: {path} has only pickle weights, and this file is not a state dict of "
+                             "tensors")
+        state.update({k: v.contiguous() for k, v in part.items()})
+    cache = Cache(assets.home() / "cache")
+    key = _sha256_files([path / "config.json", *pickles])
+    hit = cache.get("converted", key)
+    if hit is not None:
+        return hit
+
+    def build(d: Path) -> None:
+        for f in path.iterdir():
+            if f.is_file() and f.suffix not in PICKLE_SUFFIXES and f.name != "pytorch_model.bin.index.json":
+                shutil.copy2(f, d / f.name)
+        seen, out = set(), {}
+        for k, v in state.items():  # tied weights share storage; safetensors stores each once
+            ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if ptr not in seen or v.numel() == 0:
+                seen.add(ptr)
+                out[k] = v.clone()
+        save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    log.warning("%s has pickle weights only: read with weights_only=True and converted to safetensors", path)
+    return cache.put("converted", key, build)
+
+
+def _check_shapes(path: Path, weights: list[Path], trust: bool) -> None:
+    """Every stored tensor against the shape config.json implies (the model built on the meta device: no memory),
+    so a disagreement names the tensor before any weight is read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.checkpoint_io import read_safetensors_header
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust)
+    except Exception:  # noqa: BLE001 - not a causal LM transformers builds from this config: loading will say
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    bad = []
+    for w in weights:
+        for k, v in read_safetensors_header(w).items():
+            name = next((n for n in (k, f"{prefix}.{k}", k.removeprefix(prefix + ".")) if n in expected), None)
+            if name is not None and tuple(v["shape"]) != expected[name]:
+                bad.append(f"{k} is {list(v['shape'])}, config needs {list(expected[name])}")
+    if bad:
+        raise InputError(f"{path}: config.json and the weights disagree: {'; '.join(bad[:3])}"
+                         + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+
+def _check_all_weights_loaded(model, path: Path) -> None:
+    """transformers initialises a parameter the checkpoint lacks at random and only logs it; refuse instead,
+    naming the tensors (a config with more layers or other names than its weights)."""
+    from compressor.checkpoint_io import read_safetensors_header, unique_state_dict
+
+    stored: set[str] = set()
+    for w in sorted(path.glob("*.safetensors")):
+        stored.update(k for k in read_safetensors_header(w) if k != "__metadata__")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = [k for k in unique_state_dict(model)
+               if k not in stored and k.removeprefix(prefix + ".") not in stored and f"{prefix}.{k}" not in stored]
+    if missing:
+        raise InputError(f"{path}: config.json and the weights disagree: {len(missing)} tensor(s) the model needs "
+                         f"are not in the checkpoint ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+
+
 def _finish(model, tok, spec: ModelSpec, path: Path, fingerprint: str) -> ModelHandle:
     import torch
+
+    if Path(path).is_dir() and not any(True for _ in _quantized_modules(model)):
+        _check_all_weights_loaded(model, Path(path))
 
     model.eval()
     for p in model.parameters():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor import assets
-from compressor.artifacts import atomic_output, check_output, describe_artifact, versions
+from compressor.artifacts import atomic_output, check_output, describe_artifact, inside, versions
 from compressor.cache import Cache, key_of, sha256_tensor
 from compressor.context import RunContext
 from compressor.errors import CompressorError, GateFailed, InputError, PassError
@@ -205,8 +205,8 @@ def _run_lowering(p: PlannedPass, handle, ctx: RunContext, cache: Cache, stage_k
     hit = cache.get("lower", key)
     if hit is not None:
         meta = json.loads((hit / "result.json").read_text())
-        for name in meta["folders"]:
-            shutil.copytree(hit / name, ctx.workdir / name)
+        for name in meta["folders"]:  # a tampered entry cannot copy outside the output folder
+            shutil.copytree(inside(hit, name), inside(ctx.workdir, name))
         log.info("pass %s: reused from cache", p.name)
         return meta, 0.0, True
     res, secs = _run_pass(p, handle, ctx, before)

@@ -29,10 +29,11 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from compressor.errors import RecipeError
 from compressor.sweep.spec import SweepSpec
@@ -40,6 +41,17 @@ from compressor.sweep.spec import SweepSpec
 SCHEMA_VERSION = 1
 ASSET_PREFIX = "asset:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Upper bounds on counts, token lengths and seeds: a typo like 10**30 is refused here, naming the key, instead of
+# overflowing in torch or numpy after the model has loaded (seeds: what numpy and torch both accept).
+MAX_COUNT = 1_000_000
+MAX_TOKENS = 1 << 20
+MAX_SEED = 2**32 - 1
+
+
+def keyed_error(key: str, message: str) -> PydanticCustomError:
+    """A validation error of a whole model that belongs to one of its keys (dotted, e.g. "gates.0.eval_set"):
+    `format_validation_error` reports that key and its line instead of the model's."""
+    return PydanticCustomError("keyed", message, {"key": key})
 
 
 class Strict(BaseModel):
@@ -75,13 +87,13 @@ class DataSpec(Strict):
         return [self.source] if isinstance(self.source, str) else list(self.source)
     text_field: str = "text"
     split: str = "train"
-    num_samples: int = Field(32, gt=0)
-    seq_len: int = Field(512, gt=1)
-    seed: int = 0
+    num_samples: int = Field(32, gt=0, le=MAX_COUNT)
+    seq_len: int = Field(512, gt=1, le=MAX_TOKENS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class EvalSet(Strict):
-    name: str
+    name: str = Field(min_length=1, max_length=200)
     source: str
     text_field: str = "text"
     split: str = "train"
@@ -89,11 +101,11 @@ class EvalSet(Strict):
 
 class LatencySpec(Strict):
     enabled: bool = True
-    prompt_len: int = Field(128, gt=0)
-    decode_tokens: int = Field(16, gt=0)
-    repetitions: int = Field(5, gt=0)
-    warmup: int = Field(1, ge=0)
-    threads: int | None = Field(None, gt=0)
+    prompt_len: int = Field(128, gt=0, le=MAX_TOKENS)
+    decode_tokens: int = Field(16, gt=0, le=MAX_TOKENS)
+    repetitions: int = Field(5, gt=0, le=10_000)
+    warmup: int = Field(1, ge=0, le=10_000)
+    threads: int | None = Field(None, gt=0, le=4096)
 
 
 class IntervalSpec(Strict):
@@ -101,7 +113,7 @@ class IntervalSpec(Strict):
 
     level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided coverage of the reported intervals")
     resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap draws (same for every metric: paired)")
-    seed: int | None = Field(None, description="seed of the draws; default: the recipe's seed")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the draws; default: the recipe's seed")
 
 
 class TaskSpec(Strict):
@@ -160,15 +172,15 @@ class ThroughputSpec(Strict):
 
 class EvalSpec(Strict):
     datasets: list[EvalSet] = Field(min_length=1)
-    num_windows: int = Field(16, gt=0)
-    seq_len: int = Field(512, gt=1)
+    num_windows: int = Field(16, gt=0, le=MAX_COUNT)
+    seq_len: int = Field(512, gt=1, le=MAX_TOKENS)
     latency: LatencySpec = LatencySpec()
-    batch_sizes: list[int] = Field(default=[1, 8, 64], description="batch sizes for the modeled cost")
+    batch_sizes: list[Annotated[int, Field(gt=0, le=MAX_TOKENS)]] = Field(
+        default=[1, 8, 64], min_length=1, description="batch sizes for the modeled cost")
     intervals: IntervalSpec = IntervalSpec()
     usd_per_hour: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True,
                                        description="price of one GPU-hour of the target for the modeled $/Mtok; "
                                        "default: the target's (compress targets; prices dated in targets.py)")
-
     tasks: list[TaskSpec] = Field(default=[], description="multiple-choice tasks built from held-out text, "
                                   "scored by our log-likelihood scorer (accuracy with bootstrap intervals)")
     lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks from local files")
@@ -277,7 +289,7 @@ class Recipe(Strict):
     export: list[PassEntry] = []
     eval: EvalSpec | None = None
     gates: list[GateSpec] = []
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     sweep: SweepSpec | None = Field(None, description="variants for `compress sweep` (grid and/or named list); "
                                     "an ordinary run ignores it")
     # Where the recipe was read from; set by `load_recipe`, used for error messages and relative paths.
@@ -286,12 +298,13 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _gates_need_eval(self) -> "Recipe":
         if self.gates and self.eval is None:
-            raise ValueError("gates need an `eval:` section to measure their metrics")
+            raise keyed_error("gates", "gates need an `eval:` section to measure their metrics")
         if self.eval:
             names = {d.name for d in self.eval.datasets}
-            for g in self.gates:
+            for i, g in enumerate(self.gates):
                 if g.eval_set is not None and g.eval_set not in names:
-                    raise ValueError(f"gate on {g.metric} names eval_set {g.eval_set!r}, not one of {sorted(names)}")
+                    raise keyed_error(f"gates.{i}.eval_set", f"gate on {g.metric} names eval_set {g.eval_set!r}, "
+                                      f"not one of {sorted(names)}")
         return self
 
     def all_passes(self) -> list[PassEntry]:
@@ -328,7 +341,8 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
 
 
 def dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc)
+    """('passes', 0, 'format') -> 'passes.0.format'; a key that is empty or not a plain word is quoted."""
+    return ".".join(str(p) if isinstance(p, int) or re.fullmatch(r"[\w-]+", str(p)) else repr(str(p)) for p in loc)
 
 
 def _pydantic_loc(loc: tuple) -> tuple:
@@ -352,7 +366,9 @@ def format_validation_error(err: ValidationError, file: str, lines: dict[tuple, 
     # An unknown key usually explains the "missing" error beside it (a typo), so it is reported first.
     first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = prefix + _pydantic_loc(tuple(first["loc"]))
-    msg = first["msg"]
+    if first["type"] == "keyed":
+        loc += tuple(int(k) if k.isdigit() else k for k in first["ctx"]["key"].split("."))
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = f"unknown key {loc[-1]!r}"
         known = _known_keys(loc[len(prefix):-1], model) if model else _known_keys(loc[:-1])
@@ -424,17 +440,25 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), model_overri
     """Read, override and validate a recipe. Returns the Recipe and the line map used for later errors."""
     p = Path(path)
     file = str(p)
-    if not p.is_file():
+    if not os.path.isfile(p):
         raise RecipeError("recipe file not found", file=file)
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}", file=file,
+                          line=raw[: e.start].count(b"\n") + 1) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"not valid YAML: {problem}", file=file, line=line) from None
+        if line is None and isinstance(getattr(e, "position", None), int):  # a ReaderError: bad character
+            line = text[: e.position].count("\n") + 1
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        problem = " ".join(str(problem).split())
+        raise RecipeError(f"not valid YAML: {problem}", file=file, line=line or 1) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping (key: value) at the top level", file=file, line=1)
     lines = _line_map(node) if node is not None else {}
@@ -488,7 +512,7 @@ def _resolve_paths(data: dict, base: Path) -> None:
     def fix_one(s: str) -> str:
         if is_local_path(s) and not os.path.isabs(s) and not s.startswith("~"):
             cand = base / s
-            if cand.exists() or not os.path.exists(s):
+            if os.path.exists(cand) or not os.path.exists(s):  # (Path.exists raises on over-long names)
                 return str(cand)
         elif s.startswith("~"):
             return os.path.expanduser(s)
