@@ -61,7 +61,7 @@ def atomic_output(out: Path, overwrite: bool):
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +81,7 @@ def remove_stale(out: Path) -> list[Path]:
         kind, _, rest = p.name[len(out.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("partial", "old") or not pid.isdigit() or p.is_symlink() or not p.is_dir() \
-                or _pid_alive(int(pid)):
+                or pid_alive(int(pid)):
             continue
         if kind == "old" and not out.exists() and (p / "x").is_dir() and not (p / "x").is_symlink():
             os.replace(p / "x", out)  # killed between moving the previous output aside and the new one in

@@ -63,6 +63,16 @@ def entry_seconds(entry: Path) -> float:
         return 0.0
 
 
+def _remove_dead_builds(folder: Path) -> None:
+    """Temporary build folders (`.KEY12.PID.*`) of processes that died mid-build (SIGKILL, power loss)."""
+    from compressor.artifacts import pid_alive
+
+    for p in folder.glob(".*.*.*"):
+        pid = p.name.split(".")[2]
+        if pid.isdigit() and not p.is_symlink() and p.is_dir() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class Cache:
     def __init__(self, root: Path, enabled: bool = True):
         self.root = Path(root)
@@ -90,7 +100,8 @@ class Cache:
         if not self.enabled:
             raise RuntimeError("cache disabled")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}."))
+        _remove_dead_builds(final.parent)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}.{os.getpid()}."))
         t0 = time.perf_counter()
         try:
             build(tmp)

@@ -527,7 +527,7 @@ def _resolve_paths(data: dict, base: Path) -> None:
     fix(data.get("model"))
     fix(data.get("calibration"))
     for sec in ("passes", "export"):  # a pass's own data (distill's train_data) and teacher folder
-        for p in data.get(sec) or []:
+        for p in data.get(sec) if isinstance(data.get(sec), list) else []:  # a wrong type is reported later
             if isinstance(p, dict):
                 fix(p.get("train_data"))
                 if isinstance(p.get("teacher"), str):

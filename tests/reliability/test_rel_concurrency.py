@@ -84,3 +84,23 @@ def test_two_runs_share_one_cache_at_once(tiny_model_dir, text_dir, tmp_path):
     assert "reusing cached result of quantize_gptq" in r.stderr and "export_checkpoint: reused from cache" in r.stderr
     assert all(p["cached"] for p in json.loads((tmp_path / "c" / "manifest.json").read_text())["passes"])
     assert fingerprint(tmp_path / "c") == fingerprint(tmp_path / "a")
+
+
+def test_half_built_entries_of_dead_processes_are_removed(tmp_path):
+    """A process killed while building an entry leaves `.KEY12.PID.*`; the next put into that folder removes it
+    (a live process's build is left alone)."""
+    import os
+
+    from compressor.cache import Cache
+
+    cache = Cache(tmp_path)
+    key = "ab" + "0" * 62
+    parent = tmp_path / "stage" / "ab"
+    dead = parent / f".ab0000000000.{2**22 + 777}.x1"
+    live = parent / f".ab0000000000.{os.getpid()}.x2"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    entry = cache.put("stage", key, lambda d: (d / "v").write_text("1"))
+    assert not dead.exists() and live.is_dir()
+    assert cache.get("stage", key) == entry and (entry / "v").read_text() == "1"

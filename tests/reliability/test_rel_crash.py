@@ -75,8 +75,11 @@ def _kill_loop(trials: int, seed: int, reference, tmp_path: Path, phases=PHASES)
             continue
         assert rc == 0, f"{where}: {log}"
         assert fingerprint(out) == ref_fp, f"{where}: artifacts differ from the uninterrupted run's"
-        # the dead runs' temporary siblings were removed by this one
+        # the dead runs' temporary siblings, and their half-built cache entries, were removed by this one
         assert [p.name for p in work.iterdir()] == ["run"], f"{where}: left {list(work.iterdir())}"
+        half_built = [p for p in (home / "cache").rglob(".*") if p.is_dir()]
+        assert half_built == [], f"{where}: left {half_built}"
+        stats["cache_entries_checked"] += sum(1 for _ in (home / "cache").glob("*/*/*/.complete"))
         stats["finished"] += 1
         home = tmp_path / f"home-{t + 1}"  # the next trial starts from an empty cache
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -69,7 +69,8 @@ def _mutate(data, draw) -> tuple[dict, str]:
     """One mutation at a random place: delete, replace (any type), rename the key, or insert a key."""
     data = copy.deepcopy(data)
     paths = [p for p in _paths(data) if p]
-    path = draw(st.sampled_from(paths))
+    shallow = [p for p in paths if len(p) <= 2]  # whole sections and their keys, as often as any deep value
+    path = draw(st.one_of(st.sampled_from(shallow), st.sampled_from(paths)))
     parent, last = _get(data, path[:-1]), path[-1]
     op = draw(st.sampled_from(["delete", "replace", "replace", "rename", "insert", "retype"]))
     if op == "delete":
@@ -145,6 +146,8 @@ def test_mutations_name_the_key(tmp_path):
              (("eval", "latency", "repetitions"), math.nan, "eval.latency.repetitions"),
              (("seed",), 2**70, "seed"),
              (("eval", "batch_sizes"), [0], "eval.batch_sizes.0"),
+             (("passes",), 1, "passes"),  # was a TypeError traceback (paths resolved before validation)
+             (("export",), True, "export"),
              (("name",), "../../escape", "name")]
     for path, value, key in cases:
         d = copy.deepcopy(data)
@@ -226,3 +229,27 @@ def test_cli_plan_on_mutations_exits_0_or_2_with_one_line(tmp_path):
 def test_zz_print_counts():
     """Runs last in this file: the counts for the report."""
     print("\nrecipe fuzzing counts:", dict(sorted(COUNTS.items())))
+
+
+_SET_KEYS = st.one_of(st.sampled_from(["name", "seed", "model.source", "model.dtype", "passes.0.format", "passes.0",
+                                       "passes.9.format", "passes", "eval.num_windows", "eval.datasets.0.name",
+                                       "eval.latency.enabled", "gates.0.max", "export.1.opset", "schema_version",
+                                       "model.source.x", "eval..x", ".", "passes.-1.format", "passes.0.format.x"]),
+                      st.text(max_size=15))
+
+
+@settings(max_examples=int(os.environ.get("REL_FUZZ_SETS", "150")), **_SETTINGS)
+@given(key=_SET_KEYS, value=st.one_of(st.text(max_size=20), st.sampled_from(["[1, 2", "{a: 1}", "!!python/name:os.system",
+                                                                           "1e999", "-1", "null", "~", "int4"])))
+def test_set_overrides(key, value):
+    """`--set KEY=VALUE` with arbitrary keys and values: a plan, or a RecipeError naming --set or the key."""
+    expr = f"{key}={value}"
+    try:
+        load_and_plan(str(REPO / "recipes" / "quickstart.yaml"), "cpu", [expr])
+        COUNTS["set:plan"] += 1
+    except RecipeError as e:
+        assert e.exit_code == 2 and "\n" not in str(e), (expr, str(e))
+        assert e.file in ("--set", str(REPO / "recipes" / "quickstart.yaml")), (expr, str(e))
+        COUNTS["set:recipe_error"] += 1
+    except TargetError:
+        COUNTS["set:target_error"] += 1
