@@ -148,9 +148,18 @@ def replace_linears(model, layers: dict[str, dict]) -> None:
     """Swap the named nn.Linear modules for empty QuantLinear modules of the given schemes."""
     from compressor.kernels.qlinear import QuantLinear
 
+    from compressor.errors import InputError
+
+    if not isinstance(layers, dict):
+        raise InputError(f"quantization_config.layers is a {type(layers).__name__}, not a mapping of layer names")
     for name, scheme in layers.items():
-        lin = model.get_submodule(name)
-        model.set_submodule(name, QuantLinear.from_scheme(lin, scheme))
+        try:
+            lin = model.get_submodule(name)
+            q = QuantLinear.from_scheme(lin, scheme)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"quantization_config.layers names {name!r}, which the model cannot hold as a "
+                             f"quantized layer ({type(e).__name__}: {e})") from None
+        model.set_submodule(name, q)
 
 
 def read_quantization_config(folder: Path) -> dict | None:

@@ -145,6 +145,7 @@ def load_model(spec: ModelSpec) -> ModelHandle:
                 from compressor.errors import MissingDependency
 
                 raise MissingDependency(dep, f"loading {path.name}")
+        _check_gguf(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -196,7 +197,10 @@ def _load_compressed(path: Path, qcfg: dict, dtype, trust: bool):
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     model = _auto_class(cfg.model_type).from_config(cfg, dtype=dtype, trust_remote_code=trust)
-    checkpoint_io.rebuild_structure(model, qcfg)
+    try:
+        checkpoint_io.rebuild_structure(model, qcfg)
+    except InputError as e:
+        raise InputError(f"{path / 'config.json'}: {e}") from None
     state = {}
     for w in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(w)))
@@ -213,6 +217,21 @@ def _load_compressed(path: Path, qcfg: dict, dtype, trust: bool):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header, metadata and tensor table (memory-mapped, no tensor is converted): a truncated or
+    garbled file is named here, before transformers' loader fails somewhere inside."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        for t in reader.tensors:  # each tensor's bytes must lie inside the file
+            if t.data.nbytes != t.n_bytes:
+                raise ValueError(f"tensor {t.name} has {t.data.nbytes} of its {t.n_bytes} bytes")
+    except Exception as e:  # noqa: BLE001 - whatever the parser hits, the file is unusable
+        raise InputError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from None
 
 
 def _check_remote_code(path: Path, trust: bool) -> None:
@@ -344,7 +363,7 @@ def _finish(model, tok, spec: ModelSpec, path: Path, fingerprint: str) -> ModelH
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, t in list(model.named_parameters()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # buffers: a checkpoint's scales
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise InputError(f"weight {name} of {path} contains NaN or Inf")
     return ModelHandle(model, tok, spec.source, str(path), fingerprint)

@@ -206,7 +206,8 @@ def test_truncated_gguf(tmp_path, home, capsys, keep):
     raw = f.read_bytes()
     n = int(len(raw) * keep) if isinstance(keep, float) else keep
     f.write_bytes(raw[:n])
-    _expect_refused(tmp_path, _recipe(tmp_path, f), capsys, str(f), what=f"GGUF truncated to {n}/{len(raw)}")
+    _expect_refused(tmp_path, _recipe(tmp_path, f), capsys, f"corrupt or truncated GGUF file {f}",
+                    what=f"GGUF truncated to {n}/{len(raw)}")
 
 
 def _pickle_only(tiny_model_dir: Path, tmp_path: Path) -> Path:
@@ -311,6 +312,72 @@ def test_remote_code_refused_unless_opted_in(tiny_model_dir, tmp_path, home, cap
     assert warn and "ran code shipped with the checkpoint" in warn[0], report["notes"]
     assert "trust_remote_code" in (out / "report" / "report.md").read_text()
     CORRUPT_TRIED.append("trust_remote_code model with opt-in (accepted, warned)")
+
+
+@pytest.fixture(scope="module")
+def compressed_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
+    """Our own INT4 g32 checkpoint of the tiny model (quantization_config in config.json)."""
+    import os
+
+    from compressor.cli import main
+
+    d = tmp_path_factory.mktemp("ours")
+    rec = d / "q.yaml"
+    rec.write_text(f"schema_version: 1\nname: q\nmodel: {{source: {tiny_model_dir}}}\n"
+                   "passes: [{pass: quantize_rtn, format: int4, granularity: per_group, group_size: 32}]\n"
+                   "export: [{pass: export_checkpoint}]\n")
+    old = os.environ.get("COMPRESSOR_HOME")
+    os.environ["COMPRESSOR_HOME"] = str(d / "home")
+    try:
+        assert main([str(rec), "--target", "cpu", "--out", str(d / "out"), "--quiet"]) == 0
+    finally:
+        if old is None:
+            del os.environ["COMPRESSOR_HOME"]
+        else:
+            os.environ["COMPRESSOR_HOME"] = old
+    return d / "out" / "checkpoint"
+
+
+def _edit_qcfg(fn):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        fn(cfg["quantization_config"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _edit_tensors(fn):
+    def edit(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(d / "model.safetensors"))
+        fn(state)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return edit
+
+
+_LAYER = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("what,edit,needles", [
+    ("unknown layer in quantization_config", _edit_qcfg(lambda q: q["layers"].update(
+        {"model.layers.9.mlp.x": q["layers"][_LAYER]})), ["config.json", "'model.layers.9.mlp.x'"]),
+    ("unknown format", _edit_qcfg(lambda q: q["layers"][_LAYER].update(format="int3")), [_LAYER, "int3"]),
+    ("layers not a mapping", _edit_qcfg(lambda q: q.update(layers=[1, 2])), ["config.json", "not a mapping"]),
+    ("group size disagrees with the scales", _edit_qcfg(lambda q: q["layers"][_LAYER].update(group_size=16)),
+     ["weight_scale"]),
+    ("packed codes missing", _edit_tensors(lambda s: s.pop(f"{_LAYER}.weight_packed")), [f"{_LAYER}.weight_packed"]),
+    ("NaN scale", _edit_tensors(lambda s: s[f"{_LAYER}.weight_scale"].view(-1).__setitem__(0, float("nan"))),
+     [f"{_LAYER}.weight_scale", "NaN or Inf"]),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_tampered_compressed_checkpoint(compressed_checkpoint, tmp_path, home, capsys, what, edit, needles):
+    m = tmp_path / "ours"
+    shutil.copytree(compressed_checkpoint, m)
+    edit(m)
+    p = tmp_path / "r.yaml"
+    p.write_text(f"schema_version: 1\nname: again\nmodel: {{source: {m}}}\npasses: []\n"
+                 "export: [{pass: export_checkpoint}]\n")
+    _expect_refused(tmp_path, p, capsys, *needles, what=f"compressed checkpoint: {what}")
 
 
 def test_zz_print_corrupt_count():
