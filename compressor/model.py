@@ -1,8 +1,12 @@
 """ModelHandle and model loading: a local HF folder (safetensors), a compressed checkpoint of ours, a .gguf file,
 an `asset:` name, or a hub id (online only; offline, a clear error asks for a local path).
 
-`trust_remote_code` stays off unless the recipe sets it. Weights load through safetensors only; a folder with
-only pickle (`.bin`) weights is refused here.
+`trust_remote_code` stays off unless the recipe sets it: a checkpoint that needs its own code for an architecture
+transformers does not know is refused, naming its .py files. Weights load through safetensors; a folder with only
+pickle weights (`.bin`/`.pt`) is read with torch.load(weights_only=True), which refuses any pickle that would run
+code, and converted once into a cached safetensors copy. Before any weight is read, every safetensors header is
+checked (size, offsets, each tensor's bytes) and its shapes against the config; after loading, a tensor the model
+needs but the checkpoint lacks (transformers would initialise it at random) and NaN/Inf values are refused.
 """
 
 from __future__ import annotations

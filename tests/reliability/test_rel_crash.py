@@ -4,8 +4,9 @@ Each trial kills a run during calibration, the ONNX export, the evaluation and r
 from the start. After every kill the output folder is absent or complete (never partial); the next run removes
 the dead run's temporary sibling, finishes reusing the stages that were cached before the kill, and its
 artifacts (checkpoint, ONNX, plot, report facts without timings) are byte-identical to an uninterrupted run's.
-All trials share one cache until a run completes; then the cache starts empty again, so later trials kill
-calibration and export again instead of copies from the cache.
+All trials share one cache until a run completes (or a trial aims at calibration, which runs only on a cache
+miss); then the cache starts empty again, so later trials kill calibration and export again instead of copies
+from the cache.
 
 The default run does 3 trials; the `slow` loop does 20 (under 5 minutes on 2 cores).
 """
@@ -56,6 +57,8 @@ def _kill_loop(trials: int, seed: int, reference, tmp_path: Path, phases=PHASES)
         phase, marker, spread = (phases[t % len(phases)] if t < len(phases) else rng.choice(phases)) \
             if t < last else ("final", None, 1e9)
         delay = rng.uniform(0, spread) if t < last else 0.0
+        if phase == "calibration" and t > 0:  # calibration runs only on a cache miss: start this one empty
+            home = tmp_path / f"home-{t}"
         w = Watched(compress_cmd(recipe, out, "--overwrite"), env(home))
         reached = w.wait_for(marker) if marker else True
         if t < last:
