@@ -256,7 +256,7 @@ def parameter_counts(model) -> tuple[int, int]:
     total = nonzero = 0
     for k, t in unique_state_dict(model).items():
         owner, _, leaf = k.rpartition(".")
-        if owner in qmods:
+        if owner in qmods and leaf != "bias":  # a quantized layer's bias stays a float parameter
             if leaf == "weight_packed":
                 w = qmods[owner].dequantized_weight()
                 total, nonzero = total + w.numel(), nonzero + int((w != 0).sum())

@@ -117,6 +117,8 @@ def test_encoder_w8_w4_through_the_pipeline(tmp_path, bert_dir, text_dir, home, 
     rc, out, err = run_cli(["compare", tmp_path / "out-int8", tmp_path / "out-int4"], capsys)
     assert rc == 0, err
     assert r8["model_bytes"] < rep["int8"]["baseline"]["metrics"]["model_bytes"]
+    # Quantization changes no parameter count (the biases of quantized layers included).
+    assert r8["parameters"] == r4["parameters"] == rep["int8"]["baseline"]["metrics"]["parameters"]
 
     # The exported checkpoint reloads as the same quantized BertModel: bit-identical embeddings.
     from compressor.kernels.qlinear import QuantLinear
