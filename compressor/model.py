@@ -42,12 +42,6 @@ def _auto_class(model_type: str | None):
     return AutoModel if model_type in ENCODER_MODEL_TYPES else AutoModelForCausalLM
 
 
-def _quantized_modules(model):
-    from compressor.kernels.qlinear import QuantLinear
-
-    return (m for m in model.modules() if isinstance(m, QuantLinear))
-
-
 @dataclass
 class ModelHandle:
     model: Any  # transformers PreTrainedModel
@@ -182,8 +176,9 @@ def load_model(spec: ModelSpec) -> ModelHandle:
             import json
 
             model_type = json.loads((path / "config.json").read_text()).get("model_type")
-            model = _auto_class(model_type).from_pretrained(path, dtype=dtype, trust_remote_code=trust,
-                                                            use_safetensors=True)
+            model, info = _auto_class(model_type).from_pretrained(path, dtype=dtype, trust_remote_code=trust,
+                                                                  use_safetensors=True, output_loading_info=True)
+            _refuse_missing(path, info.get("missing_keys") or [])
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -342,17 +337,10 @@ def _check_shapes(path: Path, weights: list[Path], trust: bool) -> None:
                          + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
 
 
-def _check_all_weights_loaded(model, path: Path) -> None:
-    """transformers initialises a parameter the checkpoint lacks at random and only logs it; refuse instead,
-    naming the tensors (a config with more layers or other names than its weights)."""
-    from compressor.checkpoint_io import read_safetensors_header, unique_state_dict
-
-    stored: set[str] = set()
-    for w in sorted(path.glob("*.safetensors")):
-        stored.update(k for k in read_safetensors_header(w) if k != "__metadata__")
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    missing = [k for k in unique_state_dict(model)
-               if k not in stored and k.removeprefix(prefix + ".") not in stored and f"{prefix}.{k}" not in stored]
+def _refuse_missing(path: Path, missing) -> None:
+    """transformers initialises a tensor the checkpoint lacks at random and only logs it (a config with more
+    layers than the weights, a renamed tensor); refuse instead, naming the tensors."""
+    missing = sorted(missing)
     if missing:
         raise InputError(f"{path}: config.json and the weights disagree: {len(missing)} tensor(s) the model needs "
                          f"are not in the checkpoint ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
@@ -361,13 +349,11 @@ def _check_all_weights_loaded(model, path: Path) -> None:
 def _finish(model, tok, spec: ModelSpec, path: Path, fingerprint: str) -> ModelHandle:
     import torch
 
-    if Path(path).is_dir() and not any(True for _ in _quantized_modules(model)):
-        _check_all_weights_loaded(model, Path(path))
-
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # buffers: a checkpoint's scales
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        if t.is_floating_point() and t.device.type != "meta" \
+                and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():  # fp8: no isfinite
             raise InputError(f"weight {name} of {path} contains NaN or Inf")
     return ModelHandle(model, tok, spec.source, str(path), fingerprint)
