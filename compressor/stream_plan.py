@@ -25,9 +25,10 @@ from compressor.recipe import ASSET_PREFIX, is_local_path, line_of
 SUPPORTED = ("quantize_rtn", "quantize_gptq")
 EXPORT = "export_checkpoint"
 BASE_BYTES = 410e6  # measured: python + torch + transformers + tokenizers, the meta model and the tokenizer
-WORK_RTN = 7.5  # measured peak of the RTN pass over one 11008 x 4096 Linear: 1.28 GB, 7.4 float32 copies of it
-GPTQ_H = 6  # measured: float64 copies of a layer's Hessian alive at once inside _gptq_math.gptq_quantize
-CALIBRATION = 120e6  # measured: the calibration corpora read and tokenized (datasets, token lists)
+WORK_RTN = 9.0  # measured: RTN of an 11008 x 4096 Linear in a 7B block peaks 1.63 GB above the block (the float64
+# SQNR check beside the dequantized weight), 9 float32 copies of it
+GPTQ_H = 7  # measured: float64 copies of a layer's Hessian alive at once (ours + 6 in _gptq_math.gptq_quantize)
+CALIBRATION = 330e6  # measured: the corpora read and tokenized (110 MB) and what embedding them leaves resident
 ACTIVATIONS_IN_MEMORY = 256 << 20  # calibration activations above this go to a file in the output's temp folder
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -106,9 +107,9 @@ def estimate(plan, tensors: list) -> dict:
             work[u] = WORK_RTN * 4 * max(math.prod(s) for s in shapes)
             continue
         # GPTQ: the block's float64 Hessians (one per Linear input) while the windows run through it; then,
-        # quantizing the widest layer (its Hessian alone left), GPTQ's float64 copies of H (the argument, the
-        # permuted copy, the damped copy, its Cholesky factor, the inverse and its factor: GPTQ_H x in^2) and
-        # of W, Q and the updates (3 x out x in).
+        # quantizing the widest layer (its Hessian alone left), float64 copies of H (ours; in GPTQ the clone,
+        # the permuted copy, the damped copy, its Cholesky factor, the inverse and its factor: GPTQ_H x in^2)
+        # and of W, Q and the updates (3 x out x in).
         out, inp = max(shapes, key=lambda s: s[1] * (s[1] + s[0]))
         c = recipe.calibration
         # One window through the block: a few (L, widest output) float32 activations of the MLP.

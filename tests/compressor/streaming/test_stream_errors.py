@@ -48,6 +48,8 @@ def test_refused_at_plan_time_naming_the_key(tmp_path, synth, body, key, words):
 
 
 def test_plan_estimate_does_not_grow_with_layers(tmp_path):
+    from compressor import stream_plan
+
     est = {}
     for layers in (2, 8):
         m = generate("tiny", tmp_path / f"m{layers}", layers=layers)
@@ -62,7 +64,7 @@ def test_plan_estimate_does_not_grow_with_layers(tmp_path):
     assert s["units"] == 8 + 3 and s["peak_unit"].startswith("model.layers.")
     # tiny: the bf16 block (q, o 128 x 128; k, v 64 x 128; MLP 3 x 256 x 128; two norms) + RTN on a 256 x 128 Linear
     assert s["largest_unit"] == (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128 + 2 * 128) * 2
-    assert s["quantize_work"] == int(7.5 * 4 * 256 * 128)
+    assert s["quantize_work"] == int(stream_plan.WORK_RTN * 4 * 256 * 128)
 
 
 def _fill_limit() -> None:
