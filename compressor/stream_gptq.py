@@ -158,7 +158,8 @@ class StreamGPTQ:
         users: dict[int, int] = {}
         for ln, _ in layers:
             users[id(hstats.get(ln))] = users.get(id(hstats.get(ln)), 0) + 1
-        for ln, lin in layers:
+        while layers:  # popped, so each float Linear (swapped out of the block) is freed after its turn
+            ln, lin = layers.pop(0)
             st = hstats.pop(ln, None)
             if st is None or st.n == 0:
                 raise PassError(NAME, [], f"{ln} received no calibration tokens")
@@ -182,6 +183,7 @@ class StreamGPTQ:
                 raise PassError(NAME, [], f"{ln}: dequantized weight has NaN/Inf")
             self.stats[ln] = {"sqnr_db": round(m.sqnr_db(lin.weight.data, deq), 3), "dampening": r.dampening,
                               "retries": r.retries}
+            del lin, deq, r, ql  # not beside the next layer's GPTQ
         for i in range(n):  # the next block's inputs, from this block's quantized weights
             out = block(self.store.get(i), **self.kw)
             self.store.put(i, out[0] if isinstance(out, tuple) else out)
