@@ -125,3 +125,12 @@ def complete(out: Path, reference: Path) -> bool:
     """The same file list as the reference run's (a complete output), and a manifest."""
     names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
     return (out / "manifest.json").is_file() and names(out) == names(reference)
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the compress CLI in this process. (Not imported from tests/conftest.py: a
+    conftest.py in a subfolder can shadow that module name during collection.)"""
+    from compressor.cli import main
+
+    rc = main([str(a) for a in args])
+    return rc, *capsys.readouterr()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from _rel_helpers import run_cli
 
 CORRUPT_TRIED: list[str] = []
 

@@ -13,7 +13,7 @@ import pytest
 from compressor.artifacts import atomic_output, inside, remove_stale
 from compressor.errors import InputError, RecipeError
 from compressor.pipeline import load_and_plan
-from conftest import run_cli
+from _rel_helpers import run_cli
 
 
 def _recipe(tmp_path: Path, model: Path, name: str = "paths", export: str = "[{pass: export_checkpoint}]") -> Path:
