@@ -343,24 +343,29 @@ def _main(argv: list[str] | None) -> int:
 
 def resource_fault(e: BaseException) -> str | None:
     """A one-line description if `e` (or an exception it was raised from) is the disk filling up or memory
-    running out, else None."""
+    running out, else None. Typed errors (OSError's errno, MemoryError) anywhere in the chain come first; then
+    the messages of errors that quote them (torch's allocator, a wrapped OSError)."""
     import errno
 
-    seen = set()
+    chain, seen = [], set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            where = f" writing {e.filename}" if e.filename else ""
-            return f"out of disk space{where} ({e.strerror or e})"
-        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
-            return "out of memory (MemoryError)" if isinstance(e, MemoryError) else f"out of memory ({e.strerror})"
-        text = str(e)
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for x in chain:
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = f" writing {x.filename}" if x.filename else ""
+            return f"out of disk space{where} ({x.strerror or x})"
+        if isinstance(x, MemoryError) or (isinstance(x, OSError) and x.errno == errno.ENOMEM):
+            detail = " ".join(str(x).split())[:300] if isinstance(x, MemoryError) else x.strerror
+            return f"out of memory ({detail or 'MemoryError'})"
+    for x in chain:
+        text = str(x)
         for needle in ("can't allocate memory", "Cannot allocate memory", "No space left on device",
                        "File too large", "Disk quota exceeded"):
             if needle in text:
                 kind = "memory" if "alloc" in needle else "disk space"
                 return f"out of {kind}: {' '.join(text.split())[:300]}"
-        e = e.__cause__ or e.__context__
     return None
 
 

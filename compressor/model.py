@@ -90,6 +90,8 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt") as sf:
             sf.keys()
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        if "allocate memory" in str(e):  # the file may be fine: mapping it failed (RLIMIT_AS, no memory left)
+            raise MemoryError(f"could not map {path}: {e}") from None
         raise InputError(f"corrupt safetensors file {path}: {e}") from None
 
 

@@ -120,3 +120,26 @@ def shutil_copy_tokenizer(src: Path, dst: Path) -> None:
     dst.mkdir()
     for f in src.glob("tokenizer*"):
         shutil.copy(f, dst / f.name)
+
+
+def test_resource_fault_reads_the_exception_chain():
+    import errno
+
+    from compressor.cli import resource_fault
+    from compressor.errors import PassError
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/.run.partial-1-x/onnx/model.onnx")
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise PassError("export_onnx", ["quantize_rtn"], f"OSError: {e}") from e
+    except PassError as e:
+        wrapped = e
+    assert resource_fault(wrapped) == ("out of disk space writing /out/.run.partial-1-x/onnx/model.onnx "
+                                       "(No space left on device)")
+    assert resource_fault(OSError(errno.EFBIG, "File too large")) == "out of disk space (File too large)"
+    assert resource_fault(MemoryError("could not map m.safetensors")) == "out of memory (could not map m.safetensors)"
+    assert resource_fault(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")).startswith(
+        "out of memory: DefaultCPUAllocator")
+    assert resource_fault(ValueError("a bug")) is None and resource_fault(OSError(errno.ENOENT, "x")) is None
