@@ -49,6 +49,9 @@ def atomic_output(out: Path, overwrite: bool):
         if INTERRUPTED.is_set():  # Ctrl-C came, and something swallowed its KeyboardInterrupt: do not publish
             raise KeyboardInterrupt
         _normalise_modes(tmp)
+        if out.exists() and not overwrite:  # another run finished into the same folder meanwhile: keep its result
+            raise InputError(f"output folder {out} appeared while this run was going (another run writing there?); "
+                             "it is kept and this run's output discarded: rerun with --overwrite or another --out")
         if os.path.lexists(out):  # an earlier output, or a symlink (moved aside itself, never followed)
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
             os.replace(out, old / "x")

@@ -104,3 +104,21 @@ def test_half_built_entries_of_dead_processes_are_removed(tmp_path):
     entry = cache.put("stage", key, lambda d: (d / "v").write_text("1"))
     assert not dead.exists() and live.is_dir()
     assert cache.get("stage", key) == entry and (entry / "v").read_text() == "1"
+
+
+def test_two_runs_into_one_output_folder_keep_the_first(tmp_path):
+    """Without --overwrite, a run that finds its output folder created by another run meanwhile keeps that one
+    (complete) and discards its own, instead of silently replacing it."""
+    import pytest
+
+    from compressor.artifacts import atomic_output
+    from compressor.errors import InputError
+
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="appeared while this run was going"):
+        with atomic_output(out, overwrite=False) as mine:
+            (mine / "manifest.json").write_text('{"run": "slow"}')
+            with atomic_output(out, overwrite=False) as other:  # the other run starts later, finishes first
+                (other / "manifest.json").write_text('{"run": "fast"}')
+    assert json.loads((out / "manifest.json").read_text()) == {"run": "fast"}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
