@@ -226,11 +226,6 @@ def test_cli_plan_on_mutations_exits_0_or_2_with_one_line(tmp_path):
     assert sum(rcs.values()) == 6
 
 
-def test_zz_print_counts():
-    """Runs last in this file: the counts for the report."""
-    print("\nrecipe fuzzing counts:", dict(sorted(COUNTS.items())))
-
-
 _SET_KEYS = st.one_of(st.sampled_from(["name", "seed", "model.source", "model.dtype", "passes.0.format", "passes.0",
                                        "passes.9.format", "passes", "eval.num_windows", "eval.datasets.0.name",
                                        "eval.latency.enabled", "gates.0.max", "export.1.opset", "schema_version",
@@ -253,3 +248,8 @@ def test_set_overrides(key, value):
         COUNTS["set:recipe_error"] += 1
     except TargetError:
         COUNTS["set:target_error"] += 1
+
+
+def test_zz_print_counts():
+    """Runs last in this file: the counts for the report."""
+    print("\nrecipe fuzzing counts:", dict(sorted(COUNTS.items())))
