@@ -39,8 +39,10 @@ def disk_full(e: OSError) -> bool:
 
 
 def raise_disk_full(e: OSError, path) -> None:
+    if not e.filename:  # write() errors carry no file name; the CLI's one-line report reads it from here
+        e.filename = str(path)
     raise DiskFull(f"disk full while writing {path} ({os.strerror(e.errno)}); free space or choose another --out "
-                   "(nothing was kept)") from None
+                   "(nothing was kept)") from e
 
 
 class CheckpointReader:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from compressor.errors import RecipeError
 from compressor.pipeline import load_and_plan
@@ -74,6 +75,13 @@ def _fill_limit() -> None:
 
 
 def test_disk_full_stops_with_one_line_and_leaves_nothing(tmp_path, synth, home):
+    from compressor.stream_io import DiskFull, ShardWriter
+
+    w = ShardWriter(tmp_path / "w")
+    w._data = open("/dev/full", "wb", buffering=0)  # a device that is always full: ENOSPC on every write
+    with pytest.raises(DiskFull, match=r"disk full while writing .*/w/model-00001.safetensors \(No space left"):
+        w.add("t", torch.ones(4))
+
     r = _recipe(tmp_path, synth, "passes:\n  - {pass: quantize_rtn, format: fp8}\n" + EXPORT)
     out = tmp_path / "outs" / "o"
     (tmp_path / "outs").mkdir()
@@ -82,6 +90,8 @@ def test_disk_full_stops_with_one_line_and_leaves_nothing(tmp_path, synth, home)
                        capture_output=True, text=True, env=env, preexec_fn=_fill_limit, timeout=120)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "disk full while writing" in lines[0] and "model-00001.safetensors" in lines[0], p.stderr
+    # The CLI's resource-fault line (compressor.cli.resource_fault), naming the shard being written.
+    assert len(lines) == 1 and lines[0].startswith("error: out of disk space writing ") and \
+        lines[0].endswith("/checkpoint/model-00001.safetensors (File too large)"), p.stderr
     assert "Traceback" not in p.stderr
     assert list((tmp_path / "outs").iterdir()) == []  # neither the output nor its temporary folder
