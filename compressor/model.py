@@ -156,7 +156,7 @@ def load_model(spec: ModelSpec) -> ModelHandle:
     assert path is not None
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has no config.json: not a Hugging Face model folder")
-    _check_remote_code(path, trust)
+    _check_config(path, trust)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:  # pickle weights: only tensors (weights_only=True), converted once into the cache
         path = _convert_pickles(path)
@@ -235,9 +235,11 @@ def _check_gguf(path: Path) -> None:
                          f"{' '.join(str(e).split())[:200]}") from None
 
 
-def _check_remote_code(path: Path, trust: bool) -> None:
-    """A checkpoint whose config maps to its own Python code (`auto_map`) for an architecture transformers does not
-    know is refused unless the recipe sets model.trust_remote_code; a known one loads transformers' own class."""
+def _check_config(path: Path, trust: bool) -> None:
+    """config.json must parse and build a transformers config (a wrong-typed field is named here, not as a
+    tokenizer failure later). A checkpoint whose config maps to its own Python code (`auto_map`) for an
+    architecture transformers does not know is refused unless the recipe sets model.trust_remote_code; a known
+    one loads transformers' own class."""
     import json
 
     try:
@@ -248,18 +250,28 @@ def _check_remote_code(path: Path, trust: bool) -> None:
         raise InputError(f"{path / 'config.json'} is not a JSON object")
     auto = cfg.get("auto_map")
     if not auto or trust:
-        return
+        return _check_builds(path, cfg, trust)
     from transformers import CONFIG_MAPPING
 
     if cfg.get("model_type") in CONFIG_MAPPING:
         log.warning("%s ships its own model code (auto_map); loading transformers' built-in %s instead",
                     path, cfg["model_type"])
-        return
+        return _check_builds(path, cfg, trust)
     files = sorted({str(v).split(".")[0] + ".py" for v in (auto.values() if isinstance(auto, dict) else [])
                     if isinstance(v, str)})
     raise InputError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} runs the checkpoint's own code "
                      f"({', '.join(files) or 'auto_map'}); refused unless the recipe sets "
                      "model.trust_remote_code: true")
+
+
+def _check_builds(path: Path, cfg: dict, trust: bool) -> None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - a wrong type, an unknown model_type, a missing field
+        raise InputError(f"{path / 'config.json'} is not a usable {cfg.get('model_type', 'model')} config: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
 
 def _convert_pickles(path: Path) -> Path:

@@ -173,6 +173,17 @@ def test_invalid_config_json(tiny_model_dir, tmp_path, home, capsys):
                     what="truncated config.json")
 
 
+@pytest.mark.parametrize("change,needle", [({"hidden_size": "x"}, "hidden_size"),
+                                           ({"model_type": "no-such-model"}, "no-such-model")])
+def test_config_that_builds_no_model(tiny_model_dir, tmp_path, home, capsys, change, needle):
+    m = _copy(tiny_model_dir, tmp_path)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.update(change)
+    (m / "config.json").write_text(json.dumps(cfg))
+    _expect_refused(tmp_path, _recipe(tmp_path, m), capsys, f"{m / 'config.json'} is not a usable", needle,
+                    what=f"config.json with {change}")
+
+
 def test_missing_tokenizer(tiny_model_dir, tmp_path, home, capsys):
     m = _copy(tiny_model_dir, tmp_path)
     for f in m.glob("tokenizer*"):
