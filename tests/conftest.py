@@ -189,3 +189,43 @@ def build_tiny_mixtral(folder: Path, experts: int = 4, top_k: int = 2, seed: int
                 p.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- sweep tests (tests/compressor/sweep/) ---
+
+SWEEP_VARIANTS = """  variants:
+    - {name: int8, set: {passes.0.granularity: per_channel}}
+    - {name: int4-g32, set: {passes.0.format: int4, passes.0.granularity: per_group, passes.0.group_size: 32}}
+    - {name: int4-g16, set: {passes.0.format: int4, passes.0.granularity: per_group, passes.0.group_size: 16}}
+    - {name: nvfp4, set: {passes.0.format: nvfp4}}
+"""
+
+
+@pytest.fixture()
+def sweep_recipe(tmp_path, tiny_model_dir, text_dir):
+    """A sweep recipe on the tiny model: RTN variants, a KL gate, eval on the local text, no export."""
+
+    def make(sweep: str = SWEEP_VARIANTS, gates: str = "  - {metric: kl_divergence, max: 0.0001}\n",
+             name: str = "sweep.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(f"""schema_version: 1
+name: tiny-sweep
+model:
+  source: {tiny_model_dir}
+passes:
+  - pass: quantize_rtn
+    format: int8
+export: []
+eval:
+  datasets:
+    - name: local
+      source: {text_dir}
+  num_windows: 4
+  seq_len: 64
+  latency: {{enabled: false}}
+gates:
+{gates}sweep:
+{sweep}""")
+        return p
+
+    return make
