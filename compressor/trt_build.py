@@ -95,6 +95,15 @@ def tensorrt_available() -> str | None:
     return tensorrt.__version__
 
 
+def check_plugin_inside(library: str | Path, folder: Path) -> Path:
+    """A plugin library is native code run in this process: load it only from the run's own artifact folder
+    (build_engine copies a user's library there). -> the resolved path; RuntimeError for one outside."""
+    lib, root = Path(library).resolve(), Path(folder).resolve()
+    if not lib.is_relative_to(root):
+        raise RuntimeError(f"plugin library {library} is outside the engine folder {folder}: refused")
+    return lib
+
+
 def build(onnx_path: Path, engine_path: Path, profiles: list[Profile], plugin_library: str | None,
           timing_cache: Path, opt_level: int, log, sparse_weights: bool = False) -> dict:
     """Build and serialize the engine with TensorRT's Python API. -> {tensorrt_version, gpu_arch, seconds}."""
@@ -105,6 +114,7 @@ def build(onnx_path: Path, engine_path: Path, profiles: list[Profile], plugin_li
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     if plugin_library:
+        check_plugin_inside(plugin_library, engine_path.parent)
         trt.get_plugin_registry().load_library(str(plugin_library))
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -270,8 +270,15 @@ def load_config(source: str):
         raise InputError(f"--model: {source} holds no config.json")
     try:
         return AutoConfig.from_pretrained(str(p))
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) + _STRICT_ERRORS as e:
         raise InputError(f"--model: {source}: not a readable transformers config ({str(e).splitlines()[0]})") from None
+
+
+try:  # huggingface_hub's typed configs raise their own error class for a field of the wrong type
+    from huggingface_hub.errors import StrictDataclassFieldValidationError as _StrictError
+    _STRICT_ERRORS: tuple = (_StrictError,)
+except ImportError:  # older huggingface_hub
+    _STRICT_ERRORS = ()
 
 
 def meta_model(config):

@@ -143,7 +143,11 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
     if plugin_ops and kernels is not None:
         dst = folder / "plugins"
         shutil.copytree(kernels, dst, ignore=shutil.ignore_patterns("python", "build", "__pycache__"))
-    plugin_lib = cfg.plugin_library or ("plugins/build/libcompressor_moe_plugin.so" if build_plugins else None)
+    plugin_lib = "plugins/build/libcompressor_moe_plugin.so" if build_plugins else None
+    if cfg.plugin_library:  # a copy in the artifact folder: libraries are loaded only from the run's own folder
+        (folder / "plugins").mkdir(exist_ok=True)
+        plugin_lib = f"plugins/{Path(cfg.plugin_library).name}"
+        shutil.copy2(cfg.plugin_library, folder / plugin_lib)
     from compressor.onnx_export import read_sparsity
 
     sparse_layers = sorted(n for n, pat in read_sparsity(onnx_path).items() if pat == "2:4")
@@ -176,7 +180,8 @@ def run(handle, cfg: BuildEngineConfig, ctx) -> PassResult:
         raise PassError("build_engine", [], f"the graph has plugin nodes ({', '.join(plugin_ops)}): build the plugin "
                         f"library with kernels/CMakeLists.txt and set plugin_library", exit_code=2)
     try:
-        built = trt_build.build(onnx_path, folder / "model.plan", profiles, plugin_lib, folder / "timing.cache",
+        built = trt_build.build(onnx_path, folder / "model.plan", profiles, plugin_lib and folder / plugin_lib,
+                                folder / "timing.cache",
                                 cfg.optimization_level, ctx.logger, sparse_weights=bool(sparse_layers))
     except RuntimeError as e:
         raise PassError("build_engine", [], str(e)) from None

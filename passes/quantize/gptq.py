@@ -75,6 +75,9 @@ def run(handle, cfg: GPTQConfig, ctx) -> PassResult:
     prefix = next(n for n, mod in model.named_modules() if mod is blocks)
     all_layers = [(f"{prefix}.{i}", select_layers(b, cfg.ignore, prefix=f"{prefix}.{i}")) for i, b in enumerate(blocks)]
     flat, skipped = split_ragged("quantize_gptq", [x for _, ls in all_layers for x in ls], cfg.group_size, cfg.ragged)
+    if not flat:
+        raise PassError("quantize_gptq", [], f"no Linear layers left to quantize in the decoder blocks (ignore="
+                        f"{cfg.ignore}; an already-quantized model has none)", exit_code=2)
     keep = {n for n, _ in flat}
     bits = cfg.bits
     stats: dict[str, dict] = {}

@@ -101,6 +101,11 @@ def test_refusals(llama_cfg, tmp_path):
         cost_model.estimate(cfg, get_target("cpu"), "bf16", [1])
     with pytest.raises(InputError, match="holds no config.json"):
         cost_model.load_config(str(tmp_path))
+    bad = tmp_path / "wrong-type"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**LLAMA_31_8B, "num_hidden_layers": "thirty-two"}))
+    with pytest.raises(InputError, match="not a readable transformers config"):  # was an uncaught typed-config error
+        cost_model.load_config(str(bad))
     b200 = cost_model.estimate(cfg, get_target("b200"), "nvfp4", [1])
     # FP4 values + an FP8 scale per 16: 4.5 bits a weight (the per-tensor scale is negligible).
     assert b200["precision"] == "fp4"

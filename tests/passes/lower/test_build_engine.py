@@ -167,3 +167,36 @@ def test_tensorrt_flavour_refuses_asymmetric_int4(shared_home, quant_recipe, tmp
     passes = "  - {pass: quantize_rtn, format: int4, granularity: per_group, group_size: 32, symmetric: false}"
     err = _refused(quant_recipe(passes, export=TRT_EXPORT), tmp_path, capsys)
     assert "export_onnx" in err and "asymmetric" in err and "model.layers.0.self_attn.q_proj" in err
+
+
+def test_a_given_plugin_library_is_copied_into_the_engine_folder(shared_home, quant_recipe, tmp_path, capsys):
+    """Native code is loaded only from the run's own artifact folder: the recipe's library is copied there and
+    build.sh / build.json name the copy, never the original path."""
+    lib = tmp_path / "elsewhere" / "libmyplugins.so"
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF not really a library")
+    build = f"  - {{pass: build_engine, plugin_library: {lib}}}\n"
+    out = tmp_path / "o"
+    rc, _, err = run_cli([quant_recipe(W8A8_STATIC, export=TRT_EXPORT + build), "--target", "cpu", "--out", out,
+                          "--quiet"], capsys)
+    assert rc == 0, err
+    spec = json.loads((out / "engine" / "build.json").read_text())
+    assert spec["plugin_library"] == "plugins/libmyplugins.so"
+    assert (out / "engine" / "plugins" / "libmyplugins.so").read_bytes() == lib.read_bytes()
+    argv = _trtexec_argv((out / "engine" / "build.sh").read_text())
+    assert "--dynamicPlugins=plugins/libmyplugins.so" in argv and str(lib) not in " ".join(argv)
+
+
+def test_plugin_library_outside_the_engine_folder_is_refused(tmp_path):
+    engine = tmp_path / "engine"
+    (engine / "plugins").mkdir(parents=True)
+    inside = engine / "plugins" / "lib.so"
+    inside.write_bytes(b"x")
+    assert trt_build.check_plugin_inside(inside, engine) == inside.resolve()
+    for outside in (tmp_path / "lib.so", engine / "plugins" / ".." / ".." / "lib.so"):
+        with pytest.raises(RuntimeError, match="outside the engine folder"):
+            trt_build.check_plugin_inside(outside, engine)
+    link = engine / "plugins" / "link.so"
+    link.symlink_to(tmp_path / "lib.so")
+    with pytest.raises(RuntimeError, match="outside the engine folder"):
+        trt_build.check_plugin_inside(link, engine)

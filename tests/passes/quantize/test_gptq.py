@@ -72,3 +72,14 @@ def test_changed_calibration_text_is_not_served_from_cache(tiny_recipe, text_dir
     for f in sorted(calib.iterdir()):
         f.write_text(f.read_text().replace("the", "a"))
     assert cached("c") is False
+
+
+def test_gptq_on_an_already_quantized_model_is_a_clear_error(tiny_recipe, text_dir, tmp_path, home, capsys):
+    """RTN first leaves no Linear for GPTQ: exit 2 naming the pass, not an IndexError (exit 3)."""
+    recipe = tiny_recipe(extra_passes="  - {pass: quantize_gptq, format: int4, group_size: 32}\n", export="export: []")
+    recipe.write_text(recipe.read_text() + f"calibration:\n  source: {text_dir}\n  num_samples: 4\n  seq_len: 64\n")
+    out = tmp_path / "o"
+    rc, _, err = _run([recipe, "--target", "cpu", "--out", out, "--quiet"], capsys)
+    assert rc == 2, err
+    assert "quantize_gptq" in err and "no Linear layers left" in err and "Traceback" not in err
+    assert not out.exists()
