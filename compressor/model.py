@@ -328,14 +328,14 @@ def _check_shapes(path: Path, weights: list[Path], trust: bool) -> None:
     """Every stored tensor against the shape config.json implies (the model built on the meta device: no memory),
     so a disagreement names the tensor before any weight is read."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from compressor.checkpoint_io import read_safetensors_header
 
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust)
+        with torch.device("meta"):  # an encoder as AutoModel (as it loads), not as a causal LM head
+            model = _auto_class(cfg.model_type).from_config(cfg, trust_remote_code=trust)
     except Exception:  # noqa: BLE001 - not a causal LM transformers builds from this config: loading will say
         return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

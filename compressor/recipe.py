@@ -202,7 +202,9 @@ GATE_KINDS = ("max", "min", "max_increase", "max_increase_pct", "max_decrease", 
 # Quality metrics measured window by window: the only ones with a bootstrap interval and a per-set value.
 WINDOW_METRICS = ("perplexity", "kl_divergence", "top1_agreement")
 # Measured against the baseline's own outputs: the baseline has no value to compare a change with.
-AGAINST_BASELINE = ("kl_divergence", "top1_agreement")
+AGAINST_BASELINE = ("kl_divergence", "top1_agreement", "embedding_cosine", "embedding_cosine_min")
+# Task accuracy: bootstrapped over the task's items (paired against the baseline), not over eval windows.
+TASK_METRICS = ("accuracy", "accuracy_norm")
 LATENCY_METRICS = ("latency_ms_prefill", "latency_ms_decode", "tokens_per_s")
 
 
@@ -242,9 +244,9 @@ class GateSpec(Strict):
         if self.metric in AGAINST_BASELINE and given[0] not in ("max", "min"):
             raise ValueError(f"{what}: {self.metric} is measured against the baseline, which has no value of its "
                              "own to change from; use max or min")
-        if self.confidence is not None and self.metric not in WINDOW_METRICS:
-            raise ValueError(f"{what}: confidence needs a metric measured per eval window "
-                             f"({', '.join(WINDOW_METRICS)}); {self.metric} has no bootstrap interval")
+        if self.confidence is not None and self.metric not in WINDOW_METRICS + TASK_METRICS:
+            raise ValueError(f"{what}: confidence needs a metric with a bootstrap interval "
+                             f"({', '.join(WINDOW_METRICS + TASK_METRICS)}); {self.metric} has none")
         if self.eval_set is not None and self.metric not in WINDOW_METRICS:
             raise ValueError(f"{what}: eval_set applies to {', '.join(WINDOW_METRICS)}; {self.metric} is not "
                              "measured per eval set")
@@ -500,7 +502,10 @@ def _check_gates(recipe: Recipe, file: str, lines: dict) -> None:
                 raise RecipeError(f"{what}: latency is measured on an exported ONNX graph and this recipe exports "
                                   "none; add {pass: export_onnx} to export:", file=file, line=line_of(lines, loc),
                                   key=dotted(loc))
-        if g.confidence is not None and ev.num_windows < 2:
+        if g.metric in TASK_METRICS and not (ev.tasks or ev.lm_eval):
+            raise RecipeError(f"{what}: task accuracy is measured only with eval.tasks or eval.lm_eval, and this "
+                              "recipe has neither", file=file, line=line_of(lines, loc), key=dotted(loc))
+        if g.confidence is not None and g.metric in WINDOW_METRICS and ev.num_windows < 2:
             raise RecipeError(f"{what} at confidence {g.confidence}: a bootstrap over eval windows needs "
                               f"eval.num_windows >= 2 (got {ev.num_windows})", file=file,
                               line=line_of(lines, loc), key=dotted(loc))

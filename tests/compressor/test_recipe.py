@@ -111,3 +111,25 @@ def test_unknown_gate_metric_suggests(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError) as e:
         load_recipe(_write(tmp_path, text))
     assert "did you mean 'perplexity'" in str(e.value)
+
+
+@pytest.mark.parametrize("gate, message", [
+    ("{metric: accuracy, max_decrease: 0.02}", "task accuracy is measured only with eval.tasks or eval.lm_eval"),
+    ("{metric: embedding_cosine, max_decrease_pct: 1}", "measured against the baseline"),
+    ("{metric: model_bytes, max: 1.0e9, confidence: 0.95}", "has none"),
+])
+def test_gates_on_metrics_the_run_cannot_judge_are_refused(tmp_path, tiny_model_dir, gate, message):
+    text = GOOD.format(model=tiny_model_dir) + (
+        f"eval:\n  datasets: [{{name: a, source: {tiny_model_dir}}}]\ngates:\n  - {gate}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, text))
+    assert message in str(e.value) and "gates.0" in str(e.value) and "r.yaml" in str(e.value)
+
+
+def test_accuracy_gate_at_a_confidence_is_accepted_with_a_task(tmp_path, tiny_model_dir):
+    text = GOOD.format(model=tiny_model_dir) + (
+        f"eval:\n  datasets: [{{name: a, source: {tiny_model_dir}}}]\n"
+        f"  tasks: [{{name: t, source: {tiny_model_dir}, num_items: 20}}]\n"
+        "gates:\n  - {metric: accuracy, max_decrease: 0.05, confidence: 0.9}\n")
+    r, _ = load_recipe(_write(tmp_path, text))
+    assert r.gates[0].confidence == 0.9 and r.eval.tasks[0].name == "t"
