@@ -60,10 +60,13 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     idx = torch.arange(h.shape[0])
     h[idx, idx] += damp * torch.mean(torch.diag(h))
     lower, info = torch.linalg.cholesky_ex(h)
+    del h  # each (in, in) float64 copy is freed as soon as the next exists: 1B-wide MLPs make them ~250 MB each
     if info.item() != 0:
         raise HessianNotPositiveDefinite(f"Cholesky of H failed at column {info.item()} (dampening {damp})")
     hinv = torch.cholesky_inverse(lower)
+    del lower
     upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    del hinv
     if info.item() != 0 or not torch.isfinite(upper).all():
         raise HessianNotPositiveDefinite(f"Cholesky of H^-1 failed (dampening {damp})")
     return upper
@@ -156,9 +159,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size:
             zeros[:] = z
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    if act_order:  # (without it the permutation is the identity: no copies of W and H)
+        W, H = W[:, perm], H[perm][:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
     if keep is not None:
-        keep = keep.to(torch.bool)[:, perm].to(W.dtype)
+        keep = keep.to(torch.bool).to(W.dtype)
 
     retries, d = 0, damp
     while True:
@@ -170,6 +176,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int | str, group_size:
                 raise
             retries += 1
             d = d * 10.0 if d > 0 else 0.01
+    del H  # only U is needed from here on
 
     with one_thread():
         Q, loss = _column_loop(W, U, perm, scales, zeros, static, g, block, params, quant, keep)
