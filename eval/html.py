@@ -96,6 +96,9 @@ def render_html(report: dict, plot_svg: str) -> str:
              '<p class="note">The same figure is pareto.png beside this file. Stars mark the baseline; error bars are '
              'the bootstrap intervals of perplexity; a cost axis labelled MODELED is the roofline, not a measurement.</p>']
     body += ["<h2>Cost (measured)</h2>", table(rep.measured_cost_table(report)), _para(rep.latency_note(report))]
+    tt = rep.throughput_table(report)
+    if tt:
+        body += ["<h3>Throughput (measured)</h3>", table(tt, "throughput")]
     mt = rep.modeled_table(report)
     if mt:
         body += [f'<h2>Cost on {escape(r["modeled"]["target"])} <span class="modeled">MODELED</span> '

@@ -74,6 +74,8 @@ def test_tasks_lm_eval_throughput_and_gates(tmp_path, tiny_model_dir, lines_dir,
             assert d["n"] == 2 and 0 < d["min"] <= d["median"] <= d["max"]
     md = (out / "report" / "report.md").read_text()
     assert "task next-line" in md and "task lm-eval:next-line" in md and "### Throughput (measured)" in md
+    html = (out / "report" / "report.html").read_text()
+    assert "<h3>Throughput (measured)</h3>" in html and html.count('class="throughput"') == 1
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch):
