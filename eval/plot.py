@@ -83,11 +83,20 @@ def pareto_points(report: dict) -> tuple[list[dict], str, str]:
     x_label, cost = _cost_axis(report)
     sets = report["result"]["metrics"].get("eval_sets", {})
     first = next(iter(sets), None)
-    y_label = f"perplexity ({first}, held out; lower is better)" if first else "perplexity"
+    encoder = "embedding_cosine" in report["result"]["metrics"]
+    if encoder:  # quality is 1 - mean cosine to the original's embeddings (the original: 0), interval flipped
+        y_label = f"1 - embedding cosine to the original ({first}, held out; lower is better)"
+    else:
+        y_label = f"perplexity ({first}, held out; lower is better)" if first else "perplexity"
     pts = []
 
     def add(name, metrics, iv, is_base, v=None):
         c, q = cost(metrics), metrics.get("perplexity")
+        if encoder:
+            q = 0.0 if is_base else (1.0 - metrics["embedding_cosine"] if "embedding_cosine" in metrics else None)
+            e = ((metrics.get("eval_sets") or {}).get(first) or {}).get("embedding_intervals", {})
+            e = e.get("embedding_cosine")
+            iv = {"low": 1.0 - e["high"], "high": 1.0 - e["low"]} if e else None
         if c is None or q is None:
             return
         v = v or {}

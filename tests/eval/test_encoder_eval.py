@@ -111,6 +111,13 @@ def test_encoder_w8_w4_through_the_pipeline(tmp_path, bert_dir, text_dir, home, 
     assert gates["embedding_cosine"]["passed"] and not gates["perplexity"]["passed"]
     md = (tmp_path / "out-int8" / "report" / "report.md").read_text()
     assert "embedding cosine to the original (mean)" in md
+    # The Pareto plot's quality axis for an encoder: 1 - cosine (the original at 0), its interval flipped.
+    from compressor.eval.plot import pareto_points
+
+    pts, _, y_label = pareto_points(rep["int8"])
+    assert y_label.startswith("1 - embedding cosine") and [p["baseline"] for p in pts] == [True, False]
+    assert pts[0]["quality"] == 0.0 and pts[1]["quality"] == pytest.approx(1 - r8["embedding_cosine"])
+    assert pts[1]["low"] == pytest.approx(1 - iv["high"]) and pts[1]["high"] == pytest.approx(1 - iv["low"])
     # The report re-renders from report.json, and two encoder runs compare.
     assert run_cli(["report", tmp_path / "out-int8"], capsys)[0] == 0
     assert "embedding cosine to the original" in (tmp_path / "out-int8" / "report" / "report.html").read_text()
