@@ -50,7 +50,7 @@ def test_confidence_gate_and_eval_settings_load(tmp_path, tiny_model_dir, text_d
 BAD = {
     "confidence on a metric without windows": (
         dict(gate="{metric: model_bytes, max: 1000000, confidence: 0.95}"), "gates.1",
-        "confidence needs a metric measured per eval window"),
+        "confidence needs a metric with a bootstrap interval"),
     "change of a metric measured against the baseline": (
         dict(gate="{metric: kl_divergence, max_increase: 0.1}"), "gates.1",
         "kl_divergence is measured against the baseline"),
