@@ -75,12 +75,9 @@ def cost_axis(report: dict):
     return "model MB (weights as stored)", lambda x: x["model_bytes"] / 1e6 if x.get("model_bytes") else None
 
 
-_cost_axis = cost_axis
-
-
 def pareto_points(report: dict) -> tuple[list[dict], str, str]:
     """[{name, cost, quality, low, high, baseline}] with the axis labels."""
-    x_label, cost = _cost_axis(report)
+    x_label, cost = cost_axis(report)
     sets = report["result"]["metrics"].get("eval_sets", {})
     first = next(iter(sets), None)
     encoder = "embedding_cosine" in report["result"]["metrics"]
